@@ -1,0 +1,639 @@
+"""picomap: a ragged dataset of numpy arrays on disk, verified, loaded as zero-copy views.
+
+File format. A map at base path ``B`` is three files; a reader may rely on all of this:
+
+``B.dat``
+    The items' bytes in C order, back to back, no header and no padding. Its size is exactly
+    ``total_rows * row_bytes``, where ``row_bytes = dtype.itemsize * prod(trail_dim)``.
+``B.starts.npy``
+    A 1-D integer ``.npy`` (written as uint64) of ``count + 1`` offsets in rows, the units of the
+    first dimension, not bytes: item ``i`` is rows ``starts[i]:starts[i+1]`` of ``B.dat``.
+    ``starts[0] == 0``, offsets never decrease, ``starts[-1] == total_rows``.
+``B.json``
+    One JSON object. ``dtype``: numpy's ``str(dtype)`` (``"float32"``, ``">i4"``), or for a
+    structured dtype its ``.npy`` descr as a list; byte order is part of it. ``trail_dim``: the
+    trailing shape ``shape[1:]`` shared by every item, a list of ints. ``count``: the number of
+    items. ``total_rows``: the sum of their first dimensions. ``hash``: the content hash, 32 hex
+    digits. ``creation_time``: free text. Since 1.0 also ``format_version`` (1) and ``meta``, the
+    user's own JSON object. Maps of picomap 0.1 lack those two and read as version 1 with ``{}``.
+
+Content hash. xxh3_128 (seed 0) over the byte stream ``b"D|v1|"``, then for each item ``b"A|v1|"``,
+the item's ``dtype.str`` in ASCII (``"<f4"``), its ndim as one little-endian int64, its shape as
+little-endian int64s and its C-order bytes, then ``b"D|end|"``; stored as ``hexdigest()``. It
+depends only on the items: never on time, paths or how the bytes were chunked.
+
+A build writes uniquely named temporary files beside the map, fsyncs them, renames them into
+place with the json last and fsyncs the folder, so a reader sees the old map or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import operator
+import os
+import secrets
+import struct
+import sys
+import time
+from array import array
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+import numpy as np
+import xxhash
+from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; commits are still atomic per file
+    fcntl = None
+
+__version__ = "1.0.0"
+__all__ = ["build_map", "verify_hash", "get_loader_fn", "update_hash_with_array", "MapLoader",
+           "map_files", "main"]
+
+FORMAT_VERSION = 1
+# A json bigger than this is refused before parsing: a damaged or hostile file must not exhaust memory.
+MAX_JSON_BYTES = 64 << 20
+# build_map gathers items until they hold this many bytes, then writes and hashes them in one go:
+# large enough that per-call overheads vanish, small enough to stay in cache and keep memory flat.
+BATCH_BYTES = 1 << 20
+_MAP_HEAD, _MAP_TAIL, _ITEM_TAG = b"D|v1|", b"D|end|", b"A|v1|"
+_REQUIRED_KEYS = ("trail_dim", "hash", "dtype", "count", "total_rows")
+
+
+# ---------------------------------------------------------------- paths and metadata
+
+class MapFiles(NamedTuple):
+    """The three files of one map."""
+    dat: Path
+    starts: Path
+    json: Path
+
+
+def map_files(path: str | os.PathLike) -> MapFiles:
+    """The three files of the map at ``path``: the base (``"ds/train"``) or its ``.dat`` file.
+
+    Only a trailing ``.dat`` is stripped: ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc.
+    """
+    base = os.fspath(path)
+    if not isinstance(base, str):
+        raise TypeError(f"picomap: path must be a str or os.PathLike of str, not {type(path).__name__}")
+    base = base.removesuffix(".dat")
+    if not Path(base).name or base.endswith(("/", os.sep)):
+        raise ValueError(f"picomap: {os.fspath(path)!r} names a folder, not a map")
+    return MapFiles(Path(base + ".dat"), Path(base + ".starts.npy"), Path(base + ".json"))
+
+
+def _dtype_to_json(dtype: np.dtype) -> str | list:
+    return np.lib.format.dtype_to_descr(dtype) if dtype.fields else str(dtype)
+
+
+def _dtype_from_json(value: Any, where: Path) -> np.dtype:
+    try:
+        dtype = np.lib.format.descr_to_dtype(value)
+    except Exception as e:  # numpy raises a zoo of types on hostile input; all mean the same here
+        raise ValueError(f"{where}: dtype {value!r} is not a numpy dtype ({e})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{where}: dtype {value!r} holds Python objects, which picomap never maps")
+    return dtype
+
+
+def _check_layout(dtype: np.dtype, where: str) -> None:
+    if dtype.hasobject:
+        raise TypeError(f"{where}: dtype {dtype} holds Python objects; picomap stores plain bytes only")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class Header(NamedTuple):
+    """What a map's json says, checked."""
+    dtype: np.dtype
+    trail_dim: tuple[int, ...]
+    count: int
+    total_rows: int
+    hash: str
+    meta: dict
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.trail_dim)
+
+
+def _read_header(json_file: Path, handle) -> Header:
+    size = os.fstat(handle.fileno()).st_size
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{json_file}: {size} bytes is more than a picomap json may hold ({MAX_JSON_BYTES})")
+    try:
+        raw = json.loads(handle.read())
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{json_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{json_file}: holds a JSON {type(raw).__name__}, not an object")
+    missing = [key for key in _REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise ValueError(f"{json_file}: missing key(s) {', '.join(missing)}")
+    for key in ("count", "total_rows"):
+        if not _is_count(raw[key]):
+            raise ValueError(f"{json_file}: {key} must be a non-negative integer, not {raw[key]!r}")
+    trail = raw["trail_dim"]
+    if not isinstance(trail, list) or not all(_is_count(d) for d in trail):
+        raise ValueError(f"{json_file}: trail_dim must be a list of non-negative integers, not {trail!r}")
+    digest = raw["hash"]
+    if not (isinstance(digest, str) and len(digest) == 32 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(f"{json_file}: hash must be 32 lowercase hex digits, not {digest!r}")
+    version = raw.get("format_version", 1)
+    if not _is_count(version) or version > FORMAT_VERSION:
+        raise ValueError(f"{json_file}: format_version {version!r} is not one this picomap "
+                         f"({__version__}) reads; upgrade picomap")
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"{json_file}: meta must be a JSON object, not {type(meta).__name__}")
+    return Header(_dtype_from_json(raw["dtype"], json_file), tuple(trail), raw["count"],
+                  raw["total_rows"], digest, meta)
+
+
+def _read_starts(starts_file: Path, handle, header: Header) -> np.ndarray:
+    """Read and check the offsets: header fields are checked before anything is allocated."""
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"npy version {version} is not used for offsets")
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise ValueError(f"{starts_file}: not a valid .npy file ({e})") from None
+    if dtype.kind not in "iu" or len(shape) != 1:
+        raise ValueError(f"{starts_file}: offsets must be a 1-D integer array, not {dtype} of shape {shape}")
+    if shape[0] != header.count + 1:
+        raise ValueError(f"{starts_file}: holds {shape[0]} offsets but the json says count={header.count}, "
+                         f"which needs {header.count + 1}")
+    left = os.fstat(handle.fileno()).st_size - handle.tell()
+    if left != dtype.itemsize * shape[0]:
+        raise ValueError(f"{starts_file}: {left} bytes of offsets where {dtype.itemsize * shape[0]} "
+                         "are needed (file seems not fully written?)")
+    starts = np.fromfile(handle, dtype=dtype, count=shape[0])
+    if starts[0] != 0:
+        raise ValueError(f"{starts_file}: the first offset is {starts[0]}, not 0")
+    if not np.all(starts[1:] >= starts[:-1]):  # not np.diff: on uint64 it wraps instead of going negative
+        bad = int(np.argmin(starts[1:] >= starts[:-1]))
+        raise ValueError(f"{starts_file}: offsets decrease at item {bad} ({starts[bad]} then {starts[bad + 1]})")
+    if starts[-1] != header.total_rows:
+        raise ValueError(f"{starts_file}: the last offset is {starts[-1]} but the json says "
+                         f"total_rows={header.total_rows}")
+    return starts.astype(np.uint64, copy=False)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, exclusive: bool):
+    """Hold flock on the folder: a commit takes it exclusively, an opener shared, so no opener reads
+    the json of one build with the data of another. Where flock is missing, go on without it."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_file(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; a picomap map is {path.stem}.dat, "
+                                ".starts.npy and .json side by side") from None
+
+
+def _open_map(path: str | os.PathLike) -> tuple[MapFiles, Header, np.ndarray, np.ndarray]:
+    """Open, check and map the map at path: (files, header, starts as uint64, data of shape (rows, *trail))."""
+    files = map_files(path)
+    with _folder_lock(files.json.parent, exclusive=False):
+        with _open_file(files.json) as handle:
+            header = _read_header(files.json, handle)
+        with _open_file(files.starts) as handle:
+            starts = _read_starts(files.starts, handle, header)
+        with _open_file(files.dat) as handle:  # size check and mapping on one handle: one file, never two
+            size, expected = os.fstat(handle.fileno()).st_size, header.total_rows * header.row_bytes
+            if size != expected:
+                raise ValueError(f"{files.dat}: holds {size} bytes but the json says {header.total_rows} rows "
+                                 f"of {header.row_bytes} bytes = {expected} (file seems not fully written?)")
+            buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    shape = (header.total_rows, *header.trail_dim)
+    if buffer is None:  # mmap refuses empty files
+        data = np.empty(shape, header.dtype)
+        data.flags.writeable = False
+    else:  # read-only, because the mapping is
+        data = np.ndarray(shape, header.dtype, buffer=buffer)
+    return files, header, starts, data
+
+
+# ---------------------------------------------------------------- atomic commit
+
+@contextlib.contextmanager
+def _staged(files: MapFiles):
+    """Yield unique temporary paths beside ``files``; on a clean exit rename them into place, json last.
+
+    On any exception (Ctrl-C too) remove them and re-raise: whatever map was at ``files`` is untouched.
+    """
+    tag = secrets.token_hex(6)
+    temps = MapFiles(*(p.with_name(f".{p.name}.{tag}.tmp") for p in files))
+    try:
+        yield temps
+        with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
+            for temp, final in zip(temps, files):
+                os.replace(temp, final)
+            if folder_fd is not None:  # make the renames themselves durable
+                os.fsync(folder_fd)
+    except BaseException:
+        for temp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        raise
+
+
+@contextlib.contextmanager
+def _new_file(path: Path):
+    """Create path (never an existing file), yield it open for writing, flush and fsync it."""
+    with open(path, "xb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_map_files(temps: MapFiles, starts: np.ndarray, header: dict) -> None:
+    with _new_file(temps.starts) as handle:
+        np.lib.format.write_array(handle, starts, allow_pickle=False)
+    with _new_file(temps.json) as handle:
+        handle.write(json.dumps(header).encode())
+
+
+def _header_dict(dtype: np.dtype, trail: tuple, starts: np.ndarray, digest: str, meta: dict) -> dict:
+    # The 0.1 keys first, with their 0.1 meanings, so a 0.1 reader still loads the map.
+    return {"trail_dim": list(trail), "hash": digest,
+            "creation_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dtype": _dtype_to_json(dtype), "count": len(starts) - 1, "total_rows": int(starts[-1]),
+            "format_version": FORMAT_VERSION, "meta": meta}
+
+
+# ---------------------------------------------------------------- hashing
+
+def _as_bytes(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous array's bytes as a flat uint8 view (works for datetimes, which refuse buffers)."""
+    return arr.reshape(-1).view(np.uint8)
+
+
+def _item_header(dtype: np.dtype, shape: tuple) -> bytes:
+    return _ITEM_TAG + dtype.str.encode("ascii") + struct.pack(f"<{len(shape) + 1}q", len(shape), *shape)
+
+
+def update_hash_with_array(h, arr) -> Any:
+    """Feed one item's frame into the xxhash object ``h`` and return ``h``.
+
+    The frame is ``b"A|v1|"``, ``dtype.str``, ndim and shape as little-endian int64s, then the
+    C-order bytes, so equal arrays always hash alike, whatever their memory layout::
+
+        >>> h = xxhash.xxh3_128(b"D|v1|")
+        >>> update_hash_with_array(h, np.arange(3, dtype=np.int32)).update(b"D|end|")
+
+    gives the hash ``build_map`` stores for that one-item map. Cost: one pass over the bytes
+    (plus a copy when ``arr`` is not C-contiguous).
+    """
+    arr = np.asarray(arr, order="C")
+    h.update(_item_header(arr.dtype, arr.shape))
+    h.update(_as_bytes(arr))
+    return h
+
+
+def _update_hash_with_items(h, rows: np.ndarray, lengths) -> None:
+    """Feed the frames of consecutive items into h: ``rows`` holds their rows back to back (C order),
+    ``lengths`` their first dimensions. Same stream as update_hash_with_array on each item."""
+    ndim, trail = rows.ndim, rows.shape[1:]
+    head = _ITEM_TAG + rows.dtype.str.encode("ascii") + struct.pack("<q", ndim)
+    tail = struct.pack(f"<{ndim - 1}q", *trail)
+    flat, row_bytes, pos = _as_bytes(rows), rows.dtype.itemsize * math.prod(trail), 0
+    for n in lengths:
+        h.update(head + struct.pack("<q", n) + tail)
+        h.update(flat[pos:pos + n * row_bytes])
+        pos += n * row_bytes
+
+
+# ---------------------------------------------------------------- writing
+
+def _bad_item(index: int, arr: np.ndarray, dtype: np.dtype, trail: tuple) -> Exception:
+    if arr.ndim == 0:
+        return ValueError(f"item {index}: a 0-d array; items need a first (ragged) dimension")
+    if arr.dtype != dtype:
+        return ValueError(f"item {index}: dtype {arr.dtype.str} but the map is {dtype.str} "
+                          "(fixed by item 0; picomap never casts)")
+    return ValueError(f"item {index}: trailing shape {arr.shape[1:]} (shape {arr.shape}) but the map's is "
+                      f"{trail} (fixed by item 0)")
+
+
+class _ItemWriter:
+    """Streams items to an open file in batches, hashing as it goes and recording row offsets."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.hash = xxhash.xxh3_128(_MAP_HEAD)
+        self.ends = array("Q", [0])  # row offsets: 8 bytes an item, no Python object per item
+        self.dtype, self.trail = None, None
+        self.batch, self.batch_bytes = [], 0
+
+    def add(self, index: int, item) -> None:
+        arr = np.asarray(item)
+        if self.dtype is None:
+            _check_layout(arr.dtype, f"item {index}")
+            if arr.ndim == 0:
+                raise _bad_item(index, arr, arr.dtype, ())
+            self.dtype, self.trail = arr.dtype, arr.shape[1:]
+        elif arr.ndim == 0 or arr.dtype != self.dtype or arr.shape[1:] != self.trail:
+            raise _bad_item(index, arr, self.dtype, self.trail)
+        self.batch.append(arr)
+        self.batch_bytes += arr.nbytes
+        if self.batch_bytes >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        lengths = np.fromiter((len(a) for a in self.batch), np.uint64, len(self.batch))
+        if len(self.batch) == 1:  # one item alone needs no copy if contiguous
+            rows = np.ascontiguousarray(self.batch[0])
+        else:  # into the map's own dtype: concatenate alone would turn >i4 into native <i4
+            rows = np.empty((int(lengths.sum()), *self.trail), self.dtype)
+            np.concatenate(self.batch, out=rows)
+        self.handle.write(_as_bytes(rows))
+        _update_hash_with_items(self.hash, rows, lengths)
+        self.ends.frombytes((np.cumsum(lengths) + self.ends[-1]).tobytes())
+        self.batch, self.batch_bytes = [], 0
+
+    def finish(self, meta: dict) -> tuple[np.ndarray, dict]:
+        self.flush()
+        self.hash.update(_MAP_TAIL)
+        starts = np.frombuffer(self.ends, np.uint64)
+        dtype = self.dtype if self.dtype is not None else np.dtype(np.float64)  # an empty map's dtype is moot
+        return starts, _header_dict(dtype, self.trail or (), starts, self.hash.hexdigest(), meta)
+
+
+def _checked_meta(meta: dict | None) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"build_map: meta must be a dict, not {type(meta).__name__}")
+    try:
+        return json.loads(json.dumps(meta, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"build_map: meta must be JSON-serialisable ({e})") from None
+
+
+def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True,
+              meta: dict | None = None) -> dict:
+    """Stream ``items`` (arrays or array-likes) to the map at ``path``; return the json written.
+
+    Item 0 fixes the dtype and the trailing shape ``shape[1:]``; the first dimension is ragged and
+    may be 0. Items are stored in C order and never cast. ``meta`` is a JSON-serialisable dict of
+    your own, stored under ``"meta"``. The folder is created if missing.
+
+    Raises ValueError (naming the item) for a 0-d item or one whose dtype or trailing shape differs,
+    TypeError for object dtypes. On any failure, Ctrl-C included, no file is left behind and a map
+    already at ``path`` is untouched; on success the three files replace it at once.
+    Memory: one batch of items (``BATCH_BYTES``) plus 8 bytes an item.
+    """
+    files = map_files(path)
+    meta = _checked_meta(meta)
+    files.dat.parent.mkdir(parents=True, exist_ok=True)
+    with _staged(files) as temps:
+        with _new_file(temps.dat) as handle:
+            writer = _ItemWriter(handle)
+            for index, item in enumerate(tqdm(items, desc=f"build {files.dat.name}", unit=" items",
+                                              disable=not progress)):
+                writer.add(index, item)
+            starts, header = writer.finish(meta)
+        _write_map_files(temps, starts, header)
+    return header
+
+
+# ---------------------------------------------------------------- reading
+
+def _batches(starts: np.ndarray, row_bytes: int, batch_bytes: int = BATCH_BYTES * 4):
+    """Split items into consecutive ranges (i, j) of about batch_bytes each (at least one item)."""
+    rows_per_batch = max(1, batch_bytes // max(row_bytes, 1))
+    count, i = len(starts) - 1, 0
+    while i < count:
+        j = int(np.searchsorted(starts, starts[i] + np.uint64(rows_per_batch), side="right")) - 1
+        j = min(max(j, i + 1), count)
+        yield i, j
+        i = j
+
+
+def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, bar: tqdm) -> str:
+    h = xxhash.xxh3_128(_MAP_HEAD)
+    for i, j in _batches(starts, row_bytes):
+        a, b = int(starts[i]), int(starts[j])
+        _update_hash_with_items(h, data[a:b], np.diff(starts[i:j + 1]))
+        bar.update((b - a) * row_bytes)
+    h.update(_MAP_TAIL)
+    return h.hexdigest()
+
+
+def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
+    """Recompute the content hash of the map at ``path``; return True if it matches the json.
+
+    Raises ValueError naming both hashes on a mismatch, and ValueError or FileNotFoundError if
+    the files are inconsistent or missing. Cost: reads every byte of the map once.
+    It detects accidental damage; it is not a signature against deliberate tampering.
+    """
+    files, header, starts, data = _open_map(path)
+    with tqdm(total=data.nbytes, desc=f"verify {files.dat.name}", unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        computed = _compute_hash(starts, data, header.row_bytes, bar)
+    if computed != header.hash:
+        raise ValueError(f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to "
+                         f"{computed}; {files.dat.name} or {files.starts.name} is damaged or was changed")
+    return True
+
+
+class MapLoader:
+    """Item access to an opened map; ``get_loader_fn`` returns one as ``load``.
+
+    ``load(i)`` is item i as a read-only view into the mapped ``.dat`` (no copy, no I/O until its
+    bytes are touched); ``load(i, copy=True)`` a private writable copy. Indices follow Python:
+    negative ones count from the end, numpy integers work, out of range raises IndexError, a float
+    or str raises TypeError. Cost: O(1), about as much as slicing an ndarray.
+    """
+    # Slots make load(i)'s attribute reads measurably cheaper; a __getattr__ here would undo that.
+    __slots__ = ("_files", "_header", "_count", "_begins", "_ends", "starts", "data")
+
+    def __init__(self, path: str | os.PathLike):
+        self._open(path, expected_hash=None)
+
+    def _open(self, path, expected_hash: str | None) -> None:
+        files, header, starts, data = _open_map(path)
+        if expected_hash is not None and header.hash != expected_hash:
+            raise ValueError(f"{files.json}: the map was replaced since this loader was pickled "
+                             f"(hash {header.hash}, expected {expected_hash})")
+        self._files, self._header, self.data = files, header, data
+        starts.flags.writeable = False
+        self.starts, self._count = starts, header.count
+        # memoryviews index to Python ints fast and allocate nothing per item
+        self._begins, self._ends = memoryview(starts)[:-1], memoryview(starts)[1:]
+
+    def __call__(self, i, copy: bool = False) -> np.ndarray:
+        try:
+            item = self.data[self._begins[i]:self._ends[i]]
+        except (IndexError, TypeError):
+            raise self._index_error(i) from None
+        if copy:
+            return item.copy()
+        return item
+
+    def _index_error(self, i) -> Exception:
+        try:
+            operator.index(i)
+        except TypeError:
+            return TypeError(f"{self.path}: item indices must be integers, not {type(i).__name__}")
+        return IndexError(f"{self.path}: item {i} is out of range for a map of {self._count} items")
+
+    __getitem__ = __call__
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        for i in range(self._count):
+            yield self(i)
+
+    def __getitems__(self, indices) -> list:
+        """Many items at once: PyTorch's DataLoader fetches a whole batch with one call."""
+        return [self(i) for i in indices]
+
+    @property
+    def path(self) -> Path:
+        """The map's base path (its files are this plus .dat, .starts.npy, .json)."""
+        return self._files.json.with_name(self._files.json.name.removesuffix(".json"))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._header.dtype
+
+    @property
+    def trail_dim(self) -> tuple[int, ...]:
+        return self._header.trail_dim
+
+    @property
+    def hash(self) -> str:
+        return self._header.hash
+
+    @property
+    def meta(self) -> dict:
+        return self._header.meta
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Each item's first dimension (computed on each access: O(N))."""
+        return np.diff(self.starts)
+
+    def __getstate__(self) -> dict:
+        # the path and identity only: a receiver maps the files itself, whatever the map's size
+        return {"dat": os.fspath(self._files.dat), "hash": self.hash}
+
+    def __setstate__(self, state: dict) -> None:
+        self._open(state["dat"], expected_hash=state["hash"])
+
+    def __repr__(self) -> str:
+        trail = ", ".join(map(str, ("*", *self.trail_dim)))
+        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {self._count} items of {self.dtype} ({trail})>"
+
+
+def get_loader_fn(path: str | os.PathLike) -> tuple[MapLoader, int]:
+    """Open the map at ``path`` once and return ``(load, N)``; see MapLoader for ``load``.
+
+    Checks the three files against each other and raises ValueError (inconsistent or corrupt,
+    naming the file and the problem) or FileNotFoundError. Cost: reads the json and the offsets
+    (8 bytes an item), maps the ``.dat``; no per-item Python objects.
+    """
+    load = MapLoader(path)
+    return load, len(load)
+
+
+# ---------------------------------------------------------------- command line
+
+def _demo(folder: str | None) -> None:
+    import tempfile
+    with contextlib.ExitStack() as stack:
+        folder = folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="picomap-demo-"))
+        path = os.path.join(folder, "demo")
+        rng = np.random.default_rng(0)
+        items = [rng.integers(0, 50_000, int(n), dtype=np.int32) for n in rng.integers(16, 1024, 10_000)]
+        t0 = time.perf_counter()
+        header = build_map(items, path, progress=False, meta={"source": "picomap demo"})
+        t1 = time.perf_counter()
+        verify_hash(path, progress=False)
+        t2 = time.perf_counter()
+        load, n = get_loader_fn(path)
+        t3 = time.perf_counter()
+        picks = rng.integers(0, n, 100_000).tolist()
+        for i in picks:
+            load(i)
+        t4 = time.perf_counter()
+        mb = header["total_rows"] * 4 / 1e6
+        print(f"built   {n:,} int32 token items ({mb:.1f} MB) at {path}  in {t1 - t0:.3f} s")
+        print(f"verified hash {header['hash']}  in {t2 - t1:.3f} s")
+        print(f"opened  in {(t3 - t2) * 1e3:.2f} ms; load(0).shape = {load(0).shape}, "
+              f"load(-1)[:5] = {load(-1)[:5].tolist()}")
+        print(f"loaded  {len(picks):,} random items in {t4 - t3:.3f} s "
+              f"({(t4 - t3) / len(picks) * 1e9:.0f} ns each, zero-copy views)")
+        if not all(np.array_equal(load(i), items[i]) for i in range(n)):
+            raise ValueError(f"{path}: the demo map does not read back as written")
+        print("checked every item reads back equal to what was written")
+
+
+def _info(path: str) -> None:
+    load, n = get_loader_fn(path)
+    lengths = load.lengths
+    stats = f"{lengths.min()} / {np.median(lengths):g} / {lengths.max()}" if n else "-"
+    for label, value in [("path", load.path), ("items", f"{n:,}"), ("dtype", load.dtype),
+                         ("trailing shape", load.trail_dim), ("rows", f"{len(load.data):,}"),
+                         ("bytes", f"{load.data.nbytes:,}"), ("item length min/median/max", stats),
+                         ("hash", load.hash), ("meta", json.dumps(load.meta))]:
+        print(f"{label:>27}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``picomap`` command: ``demo [DIR]``, ``info PATH``, ``verify PATH``. Returns the exit code."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="picomap", description="Ragged numpy datasets on disk.")
+    parser.add_argument("--version", action="version", version=f"picomap {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="build, verify and load a small demo map").add_argument(
+        "folder", nargs="?", help="where to write it (default: a temporary folder)")
+    commands.add_parser("info", help="describe a map").add_argument("path")
+    commands.add_parser("verify", help="check a map's content hash").add_argument("path")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            _demo(args.folder)
+        elif args.command == "info":
+            _info(args.path)
+        else:
+            verify_hash(args.path, progress=False)
+            print(f"ok: {args.path} is intact")
+    except (ValueError, TypeError, OSError) as e:
+        print(f"picomap {args.command}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Shared helpers: an independent hash oracle, item makers, and where the 0.1 fixtures live."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+
+LEGACY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "legacy-0.1"
+LEGACY_NAMES = ["ragged_f32", "tokens_u16", "flags_bool"]
+
+
+def oracle_hash(items) -> str:
+    """The content hash written straight from the spec, sharing no code with picomap."""
+    h = xxhash.xxh3_128()
+    h.update(b"D|v1|")
+    for item in items:
+        a = np.asarray(item)
+        h.update(b"A|v1|" + a.dtype.str.encode("ascii"))
+        h.update(np.array([a.ndim, *a.shape], dtype="<i8").tobytes())
+        h.update(a.tobytes(order="C"))
+    h.update(b"D|end|")
+    return h.hexdigest()
+
+
+def tokens(n_items=50, seed=0, dtype=np.int32):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 1000, int(n)).astype(dtype) for n in rng.integers(0, 30, n_items)]
+
+
+def listing(folder) -> list[str]:
+    """Every file under folder, relative, sorted: what a test asserts is left on disk."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+
+
+def snapshot(base) -> dict:
+    """The bytes of a map's three files, to assert they did not change."""
+    return {suffix: Path(f"{base}{suffix}").read_bytes() for suffix in (".dat", ".starts.npy", ".json")}
+
+
+def read_json(base) -> dict:
+    return json.loads(Path(f"{base}.json").read_text())
+
+
+def write_json(base, header) -> None:
+    Path(f"{base}.json").write_text(json.dumps(header))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run the test inside a fresh folder, as a user running a script there would."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def pytest_report_header(config):
+    return f"legacy 0.1 fixtures: {LEGACY if LEGACY.is_dir() else 'absent'}; cpus: {os.cpu_count()}"

@@ -1,0 +1,88 @@
+"""The command line (python -m picomap, the picomap script) and the README's examples, run as written."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import picomap as pm
+from conftest import tokens
+
+ROOT = Path(pm.__file__).resolve().parent
+README = (ROOT / "README.md").read_text()
+
+
+def run(*args, cwd, command=(sys.executable, "-m", "picomap")):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_demo_builds_verifies_and_loads(tmp_path):
+    result = run("demo", str(tmp_path / "d"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for step in ("built", "verified hash", "opened", "loaded", "checked every item"):
+        assert step in result.stdout
+    assert pm.verify_hash(tmp_path / "d" / "demo", progress=False)
+
+
+def test_demo_in_a_temporary_folder_leaves_nothing(tmp_path):
+    result = run("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = re.search(r"at (\S+)/demo", result.stdout).group(1)
+    assert not os.path.exists(folder) and os.listdir(tmp_path) == []
+
+
+def test_info_describes_the_map(in_tmp):
+    pm.build_map([np.zeros((n, 2), np.float32) for n in (1, 3, 9)], "toy", progress=False, meta={"who": "me"})
+    result = run("info", "toy", cwd=in_tmp)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.strip().split(": ", 1) for line in result.stdout.splitlines())
+    assert fields["items"] == "3" and fields["dtype"] == "float32" and fields["trailing shape"] == "(2,)"
+    assert fields["rows"] == "13" and fields["bytes"] == "104" and fields["item length min/median/max"] == "1 / 3 / 9"
+    assert fields["hash"] == pm.get_loader_fn("toy")[0].hash and fields["meta"] == '{"who": "me"}'
+
+
+def test_verify_exit_codes_and_one_line_errors(in_tmp):
+    pm.build_map(tokens(), "toy", progress=False)
+    ok = run("verify", "toy", cwd=in_tmp)
+    assert ok.returncode == 0 and "intact" in ok.stdout
+    data = bytearray(Path("toy.dat").read_bytes())
+    data[7] ^= 1
+    Path("toy.dat").write_bytes(data)
+    for path, words in [("toy", "hash mismatch"), ("nowhere", "nowhere.json: missing")]:
+        bad = run("verify", path, cwd=in_tmp)
+        assert bad.returncode == 1 and words in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_console_script_is_installed(tmp_path):
+    script = shutil.which("picomap")
+    if script is None:
+        pytest.skip("picomap is not pip-installed in this environment")
+    result = run("demo", str(tmp_path), cwd=tmp_path, command=(script,))
+    assert result.returncode == 0 and "verified hash" in result.stdout
+
+
+def python_blocks(markdown):
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_readme_quick_example_runs_as_written(tmp_path):
+    quick = python_blocks(README)[0]
+    result = subprocess.run([sys.executable, "-c", quick], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["3 items available", "(11, 4)"]
+    assert sorted(os.listdir(tmp_path)) == ["toy.dat", "toy.json", "toy.starts.npy"]
+
+
+def test_readme_shows_the_two_commands():
+    assert "pip install . && python -m picomap demo" in README
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_command = re.search(r"^pip install (\S+) && (python -m pytest.*)$", README, flags=re.M)
+    assert test_command, "README lacks the test command"
+    assert f'pip install --quiet {test_command.group(1)}' in ci and test_command.group(2) in ci

@@ -1,0 +1,127 @@
+"""verify_hash and update_hash_with_array, and compatibility with maps written by picomap 0.1."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+
+import picomap as pm
+from conftest import LEGACY, LEGACY_NAMES, oracle_hash, read_json, tokens
+
+needs_legacy = pytest.mark.skipif(not LEGACY.is_dir(), reason="../shared/fixtures/legacy-0.1 is absent")
+
+
+def test_verify_passes_on_an_intact_map(in_tmp):
+    pm.build_map(tokens(), "toy", progress=False)
+    assert pm.verify_hash("toy", progress=False) is True
+    assert pm.verify_hash(Path("toy.dat"), progress=False) is True
+
+
+@pytest.mark.parametrize("offset", [0, 1234, -1])
+def test_verify_catches_a_flipped_byte_and_names_both_hashes(in_tmp, offset):
+    pm.build_map(tokens(), "toy", progress=False)
+    stored = read_json("toy")["hash"]
+    data = bytearray(Path("toy.dat").read_bytes())
+    data[offset] ^= 0x10
+    Path("toy.dat").write_bytes(data)
+    with pytest.raises(ValueError) as caught:
+        pm.verify_hash("toy", progress=False)
+    message = str(caught.value)
+    assert "hash mismatch" in message and stored in message and "toy.json" in message
+    computed = message.split("hashes to ")[1][:32]
+    assert computed != stored and len(computed) == 32
+
+
+def test_verify_catches_offsets_that_move_a_boundary(in_tmp):
+    pm.build_map([np.arange(4), np.arange(4)], "toy", progress=False)
+    np.save("toy.starts.npy", np.array([0, 3, 8], np.uint64))  # still consistent, but other items
+    with pytest.raises(ValueError, match="hash mismatch"):
+        pm.verify_hash("toy", progress=False)
+
+
+def test_verify_reads_in_batches_and_gets_the_same_hash(in_tmp, monkeypatch):
+    items = tokens(300)
+    pm.build_map(items, "toy", progress=False)
+    monkeypatch.setattr(pm, "BATCH_BYTES", 8)  # many tiny batches
+    assert pm.verify_hash("toy", progress=False)
+
+
+def test_update_hash_with_array_is_the_per_item_frame():
+    items = [np.arange(6, dtype=">i4").reshape(3, 2), np.asfortranarray(np.ones((2, 3))), np.zeros((0, 5), bool)]
+    h = xxhash.xxh3_128(b"D|v1|")
+    for item in items:
+        assert pm.update_hash_with_array(h, item) is h
+    h.update(b"D|end|")
+    assert h.hexdigest() == oracle_hash(items)
+
+
+def test_update_hash_with_array_depends_on_dtype_and_shape_not_only_bytes():
+    def digest(a):
+        return pm.update_hash_with_array(xxhash.xxh3_128(), a).hexdigest()
+    a = np.arange(6, dtype=np.int32)
+    assert len({digest(a), digest(a.reshape(2, 3)), digest(a.view(np.uint32)), digest(a.byteswap().view(">i4"))}) == 4
+    assert digest(a.reshape(2, 3)) == digest(np.asfortranarray(a.reshape(2, 3)))
+
+
+# ---------------------------------------------------------------- picomap 0.1
+
+def legacy_items(name):
+    with np.load(LEGACY / f"{name}.expected.npz") as npz:
+        return [npz[f"arr_{i}"] for i in range(len(npz.files))]
+
+
+@needs_legacy
+@pytest.mark.parametrize("name", LEGACY_NAMES)
+def test_reads_and_verifies_every_legacy_map(name):
+    base = LEGACY / name
+    assert pm.verify_hash(base, progress=False)
+    load, n = pm.get_loader_fn(base)
+    items = legacy_items(name)
+    assert n == len(items) and load.meta == {}
+    for i, want in enumerate(items):
+        assert load(i).dtype == want.dtype
+        np.testing.assert_array_equal(load(i), want)
+
+
+@needs_legacy
+@pytest.mark.parametrize("name", LEGACY_NAMES)
+def test_same_items_give_the_legacy_hash_and_bytes(in_tmp, name):
+    header = pm.build_map(legacy_items(name), name, progress=False)
+    legacy = json.loads((LEGACY / f"{name}.json").read_text())
+    assert header["hash"] == legacy["hash"]
+    for key in ("trail_dim", "dtype", "count", "total_rows"):
+        assert header[key] == legacy[key]
+    for suffix in (".dat", ".starts.npy"):
+        assert Path(f"{name}{suffix}").read_bytes() == (LEGACY / f"{name}{suffix}").read_bytes()
+
+
+def test_the_legacy_recipe_gives_the_documented_hashes(in_tmp):
+    """Independent of the fixtures folder: the items rebuilt from its README's recipe."""
+    rng = np.random.default_rng(20261124)
+    maps = {
+        "ragged_f32": [rng.standard_normal((int(n), 4, 3)).astype(np.float32) for n in rng.integers(1, 9, 7)],
+        "tokens_u16": [rng.integers(0, 50257, int(n)).astype(np.uint16) for n in rng.integers(1, 40, 50)],
+        "flags_bool": [rng.random((int(n), 2)) > 0.5 for n in rng.integers(1, 5, 5)],
+    }
+    want = {"ragged_f32": "051ac42f6327ae2b89026db73985ccbe", "tokens_u16": "870addfe690fe69640b878e7aac66b04",
+            "flags_bool": "624ddb6aa3e32e00119dee54f75a3c09"}
+    for name, items in maps.items():
+        assert pm.build_map(items, name, progress=False)["hash"] == want[name]
+
+
+@needs_legacy
+def test_a_legacy_reader_can_load_new_maps(in_tmp):
+    """What 0.1 did to read a map: np.dtype(json dtype), np.load(starts), np.memmap of the data."""
+    items = [np.arange(n * 2, dtype=">i4").reshape(n, 2) for n in (3, 1, 4)]
+    pm.build_map(items, "toy", progress=False, meta={"extra": True})
+    header = read_json("toy")
+    starts = np.load("toy.starts.npy")
+    data = np.memmap("toy.dat", dtype=np.dtype(header["dtype"]), mode="r",
+                     shape=(header["total_rows"], *header["trail_dim"]))
+    assert len(starts) == header["count"] + 1 and starts.ndim == 1
+    for i, want in enumerate(items):
+        np.testing.assert_array_equal(data[starts[i]:starts[i + 1]], want)
+    shutil.copy(LEGACY / "flags_bool.json", "old.json")  # and the keys are the ones 0.1 wrote, and more
+    assert set(json.loads(Path("old.json").read_text())) <= set(header)
