@@ -80,6 +80,17 @@ def test_readme_quick_example_runs_as_written(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["toy.dat", "toy.json", "toy.starts.npy"]
 
 
+def test_readme_recipes_run_in_order_and_print_what_they_say(tmp_path):
+    section = README.split("## Recipes")[1].split("\n## ")[0]
+    script = "\n".join(python_blocks(section))
+    promised = [line.split("# -> ")[1] for line in script.splitlines() if "# -> " in line]
+    (tmp_path / "recipes.py").write_text(script)
+    result = subprocess.run([sys.executable, "recipes.py"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == promised and len(promised) == 5
+
+
 def test_readme_shows_the_two_commands():
     assert "pip install . && python -m picomap demo" in README
     ci = (ROOT / ".ci" / "run").read_text()

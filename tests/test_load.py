@@ -59,7 +59,8 @@ def test_sequence_protocol_and_attributes(toy):
     assert load[1].shape == (0, 3) and load[-1].tolist() == toy[-1].tolist()
     assert [x.tolist() for x in load.__getitems__([3, 0, 3])] == [toy[3].tolist(), toy[0].tolist(), toy[3].tolist()]
     assert load.dtype == np.float32 and load.trail_dim == (3,)
-    assert load.lengths.tolist() == [2, 0, 5, 1]
+    assert load.lengths.tolist() == [2, 0, 5, 1] and load.lengths.dtype == np.int64
+    assert load.lengths is load.lengths and not load.lengths.flags.writeable
     assert load.starts.tolist() == [0, 2, 2, 7, 8] and not load.starts.flags.writeable
     assert load.data.shape == (8, 3) and not load.data.flags.writeable
     assert load.meta == {"source": "unit test"}
@@ -168,6 +169,8 @@ CORRUPTIONS = {
     "set:count=-1": (ValueError, "toy.json: count must be a non-negative integer"),
     "set:count=4.0": (ValueError, "toy.json: count must be a non-negative integer"),
     "set:count=true": (ValueError, "toy.json: count must be a non-negative integer"),
+    "set:count=1e30": (ValueError, "toy.json: count must be a non-negative integer"),
+    "set:total_rows=18446744073709551616": (ValueError, "toy.json: total_rows must be a non-negative integer"),
     "set:count=5": (ValueError, "toy.starts.npy: holds 5 offsets but the json says count=5"),
     "set:total_rows=9": (ValueError, "toy.starts.npy: the last offset is 8 but the json says total_rows=9"),
     "set:total_rows=null": (ValueError, "toy.json: total_rows must be a non-negative integer"),
@@ -175,6 +178,7 @@ CORRUPTIONS = {
     "set:trail_dim=[1.5]": (ValueError, "toy.json: trail_dim must be a list of non-negative integers"),
     "set:trail_dim=3": (ValueError, "toy.json: trail_dim must be a list of non-negative integers"),
     "set:trail_dim=[4]": (ValueError, "toy.dat: holds 96 bytes but the json says 8 rows of 16 bytes"),
+    "set:trail_dim=[0, 4611686018427387904]": (ValueError, "toy.dat: holds 96 bytes but the json says 8 rows of 0"),
     "set:dtype=\"O\"": (ValueError, "toy.json: dtype 'O' holds Python objects"),
     "set:dtype=[[\"a\", \"O\"]]": (ValueError, "holds Python objects"),
     "set:dtype=\"float33\"": (ValueError, "toy.json: dtype 'float33' is not a numpy dtype"),
@@ -211,6 +215,15 @@ def test_corrupt_or_missing_files_raise_naming_the_file(toy, what):
 def test_an_oversized_json_is_refused_before_parsing(toy, monkeypatch):
     monkeypatch.setattr(pm, "MAX_JSON_BYTES", 64)
     with pytest.raises(ValueError, match="toy.json: .* bytes is more than a picomap json may hold"):
+        pm.get_loader_fn("toy")
+
+
+def test_zero_byte_rows_with_absurd_dims_are_refused_naming_the_map(in_tmp):
+    pm.build_map([np.zeros((2, 0), np.int8)], "toy", progress=False)
+    header = read_json("toy")
+    header["trail_dim"] = [0, 2**62]
+    write_json("toy", header)
+    with pytest.raises(ValueError, match="toy.json: shape .* is not a valid array"):
         pm.get_loader_fn("toy")
 
 

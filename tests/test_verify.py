@@ -125,3 +125,13 @@ def test_a_legacy_reader_can_load_new_maps(in_tmp):
         np.testing.assert_array_equal(data[starts[i]:starts[i + 1]], want)
     shutil.copy(LEGACY / "flags_bool.json", "old.json")  # and the keys are the ones 0.1 wrote, and more
     assert set(json.loads(Path("old.json").read_text())) <= set(header)
+
+
+@pytest.mark.parametrize("copy_below", [0, 10**9])  # every batch hashed in place / every batch copied
+def test_both_hashing_paths_give_the_oracle_hash(in_tmp, monkeypatch, copy_below):
+    monkeypatch.setattr(pm, "FRAME_COPY_BELOW", copy_below)
+    maps = {"tok": tokens(300), "be": [np.full((n, 3), n, ">i2") for n in (0, 5, 1, 0, 2)],
+            "odd": [np.zeros((n, 3), "S3") for n in (1, 4, 0)], "nothing": [np.zeros((n, 0)) for n in (2, 0, 3)]}
+    for name, items in maps.items():
+        assert pm.build_map(items, name, progress=False)["hash"] == oracle_hash(items)
+        assert pm.verify_hash(name, progress=False)
