@@ -52,7 +52,7 @@ except ImportError:  # Windows: no flock; commits are still atomic per file
     fcntl = None
 
 __version__ = "1.0.0"
-__all__ = ["build_map", "verify_hash", "get_loader_fn", "update_hash_with_array", "MapLoader",
+__all__ = ["build_map", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array", "MapLoader",
            "map_files", "main"]
 
 FORMAT_VERSION = 1
@@ -66,6 +66,9 @@ BATCH_BYTES = 1 << 20
 FRAME_COPY_BELOW = 1024
 _MAP_HEAD, _MAP_TAIL, _ITEM_TAG = b"D|v1|", b"D|end|", b"A|v1|"
 _REQUIRED_KEYS = ("trail_dim", "hash", "dtype", "count", "total_rows")
+_EMPTY_LAYOUT = (np.dtype(np.float64), ())  # what a map of no items records; no item depends on it
+# os.copy_file_range moves at most this much per call, so that the progress bar moves too.
+COPY_CHUNK_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------- paths and metadata
@@ -219,8 +222,39 @@ def _open_file(path: Path):
                                 ".starts.npy and .json side by side") from None
 
 
-def _open_map(path: str | os.PathLike) -> tuple[MapFiles, Header, np.ndarray, np.ndarray]:
-    """Open, check and map the map at path: (files, header, starts as uint64, data of shape (rows, *trail))."""
+def _map_rows(handle, files: MapFiles, header: Header) -> np.ndarray:
+    """An open .dat's rows as a read-only array of shape (total_rows, *trail_dim), once its size is checked."""
+    size, expected = os.fstat(handle.fileno()).st_size, header.total_rows * header.row_bytes
+    if size != expected:
+        raise ValueError(f"{files.dat}: holds {size} bytes but the json says {header.total_rows} rows "
+                         f"of {header.row_bytes} bytes = {expected} (file seems not fully written?)")
+    shape = (header.total_rows, *header.trail_dim)
+    try:
+        if size == 0:  # mmap refuses empty files
+            rows = np.empty(shape, header.dtype)
+            rows.flags.writeable = False
+            return rows
+        # read-only, because the mapping is; the mapping outlives the handle
+        return np.ndarray(shape, header.dtype, buffer=mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+    except ValueError as e:  # numpy's own message would not say which map
+        raise ValueError(f"{files.json}: shape {shape} of {header.dtype} is not a valid array ({e})") from None
+
+
+class OpenedMap(NamedTuple):
+    files: MapFiles
+    header: Header
+    starts: np.ndarray  # uint64, count + 1
+    data: np.ndarray  # read-only, mapped
+    identity: tuple  # the mapped .dat's device, inode, size and mtime: the file, not its name
+
+
+def _identity(handle) -> tuple:
+    stat = os.fstat(handle.fileno())
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _open_map(path: str | os.PathLike) -> OpenedMap:
+    """Open, check and map the map at path."""
     files = map_files(path)
     with _folder_lock(files.json.parent, exclusive=False):
         with _open_file(files.json) as handle:
@@ -228,21 +262,7 @@ def _open_map(path: str | os.PathLike) -> tuple[MapFiles, Header, np.ndarray, np
         with _open_file(files.starts) as handle:
             starts = _read_starts(files.starts, handle, header)
         with _open_file(files.dat) as handle:  # size check and mapping on one handle: one file, never two
-            size, expected = os.fstat(handle.fileno()).st_size, header.total_rows * header.row_bytes
-            if size != expected:
-                raise ValueError(f"{files.dat}: holds {size} bytes but the json says {header.total_rows} rows "
-                                 f"of {header.row_bytes} bytes = {expected} (file seems not fully written?)")
-            buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    shape = (header.total_rows, *header.trail_dim)
-    try:
-        if buffer is None:  # mmap refuses empty files
-            data = np.empty(shape, header.dtype)
-            data.flags.writeable = False
-        else:  # read-only, because the mapping is
-            data = np.ndarray(shape, header.dtype, buffer=buffer)
-    except ValueError as e:  # numpy's own message would not say which map
-        raise ValueError(f"{files.json}: shape {shape} of {header.dtype} is not a valid array ({e})") from None
-    return files, header, starts, data
+            return OpenedMap(files, header, starts, _map_rows(handle, files, header), _identity(handle))
 
 
 # ---------------------------------------------------------------- atomic commit
@@ -418,8 +438,8 @@ class _ItemWriter:
         self.flush()
         self.hash.update(_MAP_TAIL)
         starts = np.frombuffer(self.ends, np.uint64)
-        dtype = self.dtype if self.dtype is not None else np.dtype(np.float64)  # an empty map's dtype is moot
-        return starts, _header_dict(dtype, self.trail or (), starts, self.hash.hexdigest(), meta)
+        dtype, trail = (self.dtype, self.trail) if self.dtype is not None else _EMPTY_LAYOUT
+        return starts, _header_dict(dtype, trail, starts, self.hash.hexdigest(), meta)
 
 
 def _checked_meta(meta: dict | None) -> dict:
@@ -460,6 +480,96 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
     return header
 
 
+def _shared_layout(shards: list[OpenedMap]) -> tuple[np.dtype, tuple]:
+    """The dtype and trailing shape every shard with items agrees on; empty shards do not count."""
+    with_items = [(k, s) for k, s in enumerate(shards) if s.header.count]
+    if not with_items:
+        return _EMPTY_LAYOUT
+    first_k, first = with_items[0]
+    for k, shard in with_items[1:]:
+        if (shard.header.dtype, shard.header.trail_dim) != (first.header.dtype, first.header.trail_dim):
+            raise ValueError(f"merge_maps: shard {k} ({shard.files.dat}) holds {shard.header.dtype.str} items of "
+                             f"trailing shape {shard.header.trail_dim}, but shard {first_k} ({first.files.dat}) "
+                             f"holds {first.header.dtype.str} of {first.header.trail_dim}")
+    return first.header.dtype, first.header.trail_dim
+
+
+def _concatenated_starts(shards: list[OpenedMap]) -> np.ndarray:
+    starts = np.zeros(1 + sum(s.header.count for s in shards), np.uint64)
+    item, row = 0, 0
+    for shard in shards:  # each shard's offsets, shifted by the rows before it
+        np.add(shard.starts[1:], np.uint64(row), out=starts[item + 1:item + 1 + shard.header.count])
+        item, row = item + shard.header.count, row + shard.header.total_rows
+    return starts
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return a.resolve() == b.resolve()
+
+
+def _copy_into(source: OpenedMap, target, bar: tqdm) -> None:
+    """Append the shard's .dat to the open target, by the kernel where it can; the source must be
+    the very file that was checked when the shard was opened."""
+    with _open_file(source.files.dat) as handle:
+        if _identity(handle) != source.identity:
+            raise ValueError(f"{source.files.dat}: changed while merging; nothing was written")
+        size, done, fd = source.identity[2], 0, handle.fileno()
+        while done < size:
+            count = min(COPY_CHUNK_BYTES, size - done)
+            try:
+                moved = os.copy_file_range(fd, target.fileno(), count, done)
+            except (AttributeError, OSError):  # no copy_file_range here (macOS) or not for these files
+                # unbuffered, like copy_file_range: both must advance the same file position in order
+                moved = os.write(target.fileno(), os.pread(fd, count, done))
+            if moved == 0:
+                raise ValueError(f"{source.files.dat}: shorter than it was when opened")
+            done += moved
+            bar.update(moved)
+
+
+def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Concatenate the maps at ``paths``, in order, into a new map at ``out``; return the json written.
+
+    The result is byte for byte what ``build_map`` writes for all their items in that order (same
+    ``.dat``, offsets and hash), so a dataset's hash does not depend on how it was sharded. Its
+    ``meta`` is the shards' own if they all have the same, else ``{}``. Shards with items must
+    agree on dtype and trailing shape; empty shards may record anything.
+
+    Raises ValueError naming the shard on a mismatch, if ``out`` is one of ``paths``, or if a shard
+    is inconsistent (FileNotFoundError if missing); nothing is written then. The bytes are copied
+    by the kernel where possible and the hash is computed from what was written. Each shard's files
+    are checked for consistency, not re-hashed: run verify_hash on a shard you do not trust.
+    Same crash safety as build_map. Memory: 8 bytes an item, whatever the data's size.
+    """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"merge_maps: paths must be a list of maps, not the single path {paths!r}")
+    target = map_files(out)
+    shards = [_open_map(path) for path in paths]
+    for k, shard in enumerate(shards):
+        if _same_file(shard.files.dat, target.dat) or _same_file(shard.files.json, target.json):
+            raise ValueError(f"merge_maps: out ({target.dat}) is shard {k}; merge into a new path")
+    dtype, trail = _shared_layout(shards)
+    starts = _concatenated_starts(shards)
+    metas = [s.header.meta for s in shards]
+    meta = metas[0] if metas and all(m == metas[0] for m in metas) else {}
+    row_bytes = dtype.itemsize * math.prod(trail)
+    total_bytes = sum(s.identity[2] for s in shards)
+    target.dat.parent.mkdir(parents=True, exist_ok=True)
+    with _staged(target) as temps, tqdm(total=2 * total_bytes, desc=f"merge {target.dat.name}", unit="B",
+                                        unit_scale=True, disable=not progress) as bar:
+        with _new_file(temps.dat) as handle:
+            for shard in shards:
+                _copy_into(shard, handle, bar)
+        with open(temps.dat, "rb") as handle:  # hash what landed in the file, not what we meant to write
+            written = _map_rows(handle, temps, Header(dtype, trail, len(starts) - 1, int(starts[-1]), "", {}))
+        header = _header_dict(dtype, trail, starts, _compute_hash(starts, written, row_bytes, bar), meta)
+        _write_map_files(temps, starts, header)
+    return header
+
+
 # ---------------------------------------------------------------- reading
 
 def _batches(starts: np.ndarray, row_bytes: int, batch_bytes: int = BATCH_BYTES * 4):
@@ -490,7 +600,7 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     the files are inconsistent or missing. Cost: reads every byte of the map once.
     It detects accidental damage; it is not a signature against deliberate tampering.
     """
-    files, header, starts, data = _open_map(path)
+    files, header, starts, data, _ = _open_map(path)
     with tqdm(total=data.nbytes, desc=f"verify {files.dat.name}", unit="B", unit_scale=True,
               disable=not progress) as bar:
         computed = _compute_hash(starts, data, header.row_bytes, bar)
@@ -515,7 +625,7 @@ class MapLoader:
         self._open(path, expected_hash=None)
 
     def _open(self, path, expected_hash: str | None) -> None:
-        files, header, starts, data = _open_map(path)
+        files, header, starts, data, _ = _open_map(path)
         if expected_hash is not None and header.hash != expected_hash:
             raise ValueError(f"{files.json}: the map was replaced since this loader was pickled "
                              f"(hash {header.hash}, expected {expected_hash})")
@@ -651,7 +761,8 @@ def _info(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``picomap`` command: ``demo [DIR]``, ``info PATH``, ``verify PATH``. Returns the exit code."""
+    """The ``picomap`` command: ``demo [DIR]``, ``info PATH``, ``verify PATH``, ``merge OUT IN...``.
+    Returns the exit code."""
     import argparse
     parser = argparse.ArgumentParser(prog="picomap", description="Ragged numpy datasets on disk.")
     parser.add_argument("--version", action="version", version=f"picomap {__version__}")
@@ -660,12 +771,18 @@ def main(argv: list[str] | None = None) -> int:
         "folder", nargs="?", help="where to write it (default: a temporary folder)")
     commands.add_parser("info", help="describe a map").add_argument("path")
     commands.add_parser("verify", help="check a map's content hash").add_argument("path")
+    merge = commands.add_parser("merge", help="concatenate maps, in order, into a new one")
+    merge.add_argument("out")
+    merge.add_argument("inputs", nargs="+", metavar="in")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             _demo(args.folder)
         elif args.command == "info":
             _info(args.path)
+        elif args.command == "merge":
+            header = merge_maps(args.inputs, args.out, progress=False)
+            print(f"merged {len(args.inputs)} maps into {args.out}: {header['count']:,} items, hash {header['hash']}")
         else:
             verify_hash(args.path, progress=False)
             print(f"ok: {args.path} is intact")

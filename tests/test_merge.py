@@ -1,0 +1,208 @@
+"""merge_maps: the same bytes and hash as one build, clear refusals that write nothing, crash safety."""
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import picomap as pm
+from conftest import LEGACY, listing, oracle_hash, read_json, snapshot, tokens
+from test_cli import run
+
+
+def build_shards(parts, prefix="shard"):
+    names = [f"{prefix}{k}" for k in range(len(parts))]
+    for name, items in zip(names, parts):
+        pm.build_map(items, name, progress=False)
+    return names
+
+
+def assert_same_as_direct_build(out, items):
+    pm.build_map(items, "direct", progress=False)
+    for suffix in (".dat", ".starts.npy"):
+        assert Path(f"{out}{suffix}").read_bytes() == Path(f"direct{suffix}").read_bytes()
+    assert read_json(out)["hash"] == read_json("direct")["hash"] == oracle_hash(items)
+    assert pm.verify_hash(out, progress=False)
+
+
+def test_merge_equals_building_everything_at_once(in_tmp):
+    parts = [tokens(10, seed=1), [], tokens(7, seed=2), tokens(1, seed=3)]
+    header = pm.merge_maps(build_shards(parts), "merged", progress=False)
+    everything = [a for part in parts for a in part]
+    assert header == read_json("merged")
+    assert header["count"] == len(everything) and header["total_rows"] == sum(map(len, everything))
+    assert_same_as_direct_build("merged", everything)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), max_size=30), cuts=st.lists(st.integers(0, 30), max_size=6),
+       trail=st.sampled_from([(), (3,), (2, 0)]), dtype=st.sampled_from(["<f4", ">i2", "|b1"]))
+def test_merged_hash_does_not_depend_on_the_sharding(tmp_path_factory, lengths, cuts, trail, dtype):
+    rng = np.random.default_rng(len(lengths))
+    items = [rng.integers(0, 2, (n, *trail)).astype(dtype) for n in lengths]
+    bounds = sorted({0, len(items), *(min(c, len(items)) for c in cuts)})
+    parts = [items[a:b] for a, b in zip(bounds, bounds[1:])] + [[]]  # an empty shard too
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("merge"))
+        pm.merge_maps(build_shards(parts), "merged", progress=False)
+        assert_same_as_direct_build("merged", items)
+
+
+@pytest.mark.skipif(not LEGACY.is_dir(), reason="../shared/fixtures/legacy-0.1 is absent")
+def test_legacy_maps_are_valid_shards(in_tmp):
+    with np.load(LEGACY / "ragged_f32.expected.npz") as npz:
+        old = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    new = [np.ones((n, 4, 3), np.float32) for n in (2, 0, 1)]
+    pm.build_map(new, "new", progress=False)
+    pm.merge_maps([LEGACY / "ragged_f32", "new.dat"], "merged", progress=False)
+    assert_same_as_direct_build("merged", old + new)
+
+
+def test_empty_shards_may_record_any_layout(in_tmp):
+    pm.build_map([], "empty", progress=False)  # records float64, ()
+    pm.build_map([np.zeros((0, 5), np.uint8)], "zero_rows", progress=False)
+    pm.build_map([np.arange(4, dtype=np.int16)], "real", progress=False)
+    with pytest.raises(ValueError, match="shard 2"):  # an item with no rows is still an item
+        pm.merge_maps(["empty", "zero_rows", "real"], "merged", progress=False)
+    pm.merge_maps(["empty", "real", "empty"], "merged", progress=False)
+    assert_same_as_direct_build("merged", [np.arange(4, dtype=np.int16)])
+    assert pm.merge_maps(["empty", "empty"], "nothing", progress=False)["count"] == 0
+
+
+def test_meta_is_kept_when_every_shard_agrees(in_tmp):
+    for name, meta in [("a", {"tok": "gpt2"}), ("b", {"tok": "gpt2"}), ("c", {"tok": "bert"})]:
+        pm.build_map(tokens(3), name, progress=False, meta=meta)
+    assert pm.merge_maps(["a", "b"], "ab", progress=False)["meta"] == {"tok": "gpt2"}
+    assert pm.merge_maps(["a", "b", "c"], "abc", progress=False)["meta"] == {}
+
+
+def test_progress_bar_counts_bytes(in_tmp, capsys):
+    pm.merge_maps(build_shards([tokens(3), tokens(4)]), "merged")
+    err = capsys.readouterr().err
+    assert "merge merged.dat" in err and "B/s" in err
+
+
+# ---------------------------------------------------------------- refusals write nothing
+
+@pytest.fixture
+def two_shards_and_an_old_out(in_tmp):
+    build_shards([tokens(5, seed=1), tokens(5, seed=2)])
+    pm.build_map(tokens(3, seed=3), "out", progress=False)
+    return {name: snapshot(name) for name in ("shard0", "shard1", "out")}, listing(in_tmp)
+
+
+def assert_nothing_changed(before, in_tmp):
+    files, names = before
+    assert listing(in_tmp) == names
+    assert {name: snapshot(name) for name in files} == files
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"dtype": np.float32}, ["shard 2", "shard2.dat", "<f4", "shard 0", "<i4"]),
+    ({"trail": (2,)}, ["shard 2", "(2,)", "()"]),
+])
+def test_mismatched_shards_raise_naming_the_shard(two_shards_and_an_old_out, in_tmp, bad, words):
+    item = np.zeros((3, *bad.get("trail", ())), bad.get("dtype", np.int32))
+    pm.build_map([item], "shard2", progress=False)
+    before = {"shard2": snapshot("shard2"), **two_shards_and_an_old_out[0]}, listing(in_tmp)
+    with pytest.raises(ValueError) as caught:
+        pm.merge_maps(["shard0", "shard1", "shard2"], "out", progress=False)
+    for word in words:
+        assert word in str(caught.value)
+    assert_nothing_changed(before, in_tmp)
+
+
+@pytest.mark.parametrize("out", ["shard1", "shard1.dat", "./shard1", "link"])
+def test_out_may_not_be_an_input(two_shards_and_an_old_out, in_tmp, out):
+    for suffix in (".dat", ".json", ".starts.npy"):
+        os.symlink(f"shard1{suffix}", f"link{suffix}")
+    before = two_shards_and_an_old_out[0], listing(in_tmp)
+    with pytest.raises(ValueError, match="is shard 1; merge into a new path"):
+        pm.merge_maps(["shard0", "shard1"], out, progress=False)
+    assert_nothing_changed(before, in_tmp)
+
+
+def test_a_single_path_is_not_a_list_of_paths(two_shards_and_an_old_out, in_tmp):
+    with pytest.raises(TypeError, match="a list of maps"):
+        pm.merge_maps("shard0", "merged", progress=False)
+    assert_nothing_changed(two_shards_and_an_old_out, in_tmp)
+
+
+def test_a_missing_shard_raises_and_writes_nothing(two_shards_and_an_old_out, in_tmp):
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        pm.merge_maps(["shard0", "nowhere"], "out", progress=False)
+    assert_nothing_changed(two_shards_and_an_old_out, in_tmp)
+
+
+def test_a_shard_changed_while_merging_is_refused(two_shards_and_an_old_out, in_tmp, monkeypatch):
+    real = pm._copy_into
+
+    def tamper_then_copy(source, target, bar):
+        if source.files.dat.name == "shard1.dat":  # rewritten after it was checked, before it is copied
+            data = bytearray(source.files.dat.read_bytes())
+            data[0] ^= 1
+            os.replace(_write("tampered.tmp", data), source.files.dat)
+        return real(source, target, bar)
+    monkeypatch.setattr(pm, "_copy_into", tamper_then_copy)
+    with pytest.raises(ValueError, match="shard1.dat: changed while merging"):
+        pm.merge_maps(["shard0", "shard1"], "out", progress=False)
+    files, names = two_shards_and_an_old_out
+    assert listing(in_tmp) == names and snapshot("out") == files["out"]
+
+
+def _write(name, data):
+    Path(name).write_bytes(data)
+    return name
+
+
+def test_an_interrupted_merge_leaves_the_old_map(two_shards_and_an_old_out, in_tmp, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(pm, "_compute_hash", interrupted)
+        pm.merge_maps(["shard0", "shard1"], "out", progress=False)
+    assert_nothing_changed(two_shards_and_an_old_out, in_tmp)
+    assert pm.verify_hash("out", progress=False)
+
+
+# ---------------------------------------------------------------- the copy itself
+
+@pytest.mark.parametrize("kernel", ["missing", "refuses", "alternates"])
+def test_the_plain_copy_fallback_gives_the_same_map(in_tmp, monkeypatch, kernel):
+    parts = [tokens(40, seed=k) for k in range(3)]
+    names = build_shards(parts)
+    monkeypatch.setattr(pm, "COPY_CHUNK_BYTES", 100)  # many chunks per shard
+    real, calls = os.copy_file_range, []
+
+    def flaky(*args):
+        calls.append(args)
+        if kernel == "refuses" or len(calls) % 2:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(*args)
+    if kernel == "missing":
+        monkeypatch.delattr(os, "copy_file_range")
+    else:
+        monkeypatch.setattr(os, "copy_file_range", flaky)
+    pm.merge_maps(names, "merged", progress=False)
+    assert_same_as_direct_build("merged", [a for part in parts for a in part])
+    assert kernel == "missing" or len(calls) > 10
+
+
+# ---------------------------------------------------------------- command line
+
+def test_merge_command(in_tmp):
+    names = build_shards([tokens(4, seed=1), tokens(6, seed=2)])
+    good = run("merge", "merged", *names, cwd=in_tmp)
+    assert good.returncode == 0 and "merged 2 maps into merged: 10 items" in good.stdout
+    assert pm.verify_hash("merged", progress=False)
+    pm.build_map([np.zeros(2, np.float64)], "other", progress=False)
+    for args, words in [(("bad", "shard0", "other"), "shard 1"), (("bad", "shard0", "nowhere"), "nowhere.json"),
+                        (("shard0", "shard0", "shard1"), "is shard 0")]:
+        bad = run("merge", *args, cwd=in_tmp)
+        assert bad.returncode == 1 and words in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+    assert not Path("bad.json").exists()
