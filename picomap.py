@@ -218,8 +218,8 @@ def _open_file(path: Path):
     try:
         return open(path, "rb")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; a picomap map is {path.stem}.dat, "
-                                ".starts.npy and .json side by side") from None
+        raise FileNotFoundError(f"{path}: missing (a map is three files side by side: "
+                                "NAME.dat, NAME.starts.npy and NAME.json)") from None
 
 
 def _map_rows(handle, files: MapFiles, header: Header) -> np.ndarray:
