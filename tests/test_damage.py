@@ -1,0 +1,107 @@
+"""Block digests: verify_hash says which items are damaged, and never changes the content hash."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+
+import picomap as pm
+from conftest import LEGACY, read_json, tokens, write_json
+
+BLOCK = 256  # bytes; tests pick a small block so a small map has many
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(pm, "BLOCK_BYTES", BLOCK)
+
+
+def independent_block_digests(dat: Path, block: int) -> list[str]:
+    data = dat.read_bytes()
+    return [xxhash.xxh3_64(data[k:k + block]).hexdigest() for k in range(0, len(data), block)]
+
+
+def flip(dat: Path, *offsets):
+    data = bytearray(dat.read_bytes())
+    for offset in offsets:
+        data[offset] ^= 0xFF
+    dat.write_bytes(data)
+
+
+def test_build_and_merge_record_the_digest_of_every_block(in_tmp, small_blocks):
+    items = tokens(60)
+    header = pm.build_map(items, "toy", progress=False)
+    assert header["block_bytes"] == BLOCK
+    assert header["block_digests"] == independent_block_digests(Path("toy.dat"), BLOCK)
+    assert len(header["block_digests"]) > 10
+    pm.build_map(items[:25], "a", progress=False)
+    pm.build_map(items[25:], "b", progress=False)
+    merged = pm.merge_maps(["a", "b"], "merged", progress=False)
+    assert merged["block_digests"] == header["block_digests"] and merged["hash"] == header["hash"]
+
+
+def test_block_size_does_not_change_the_content_hash(in_tmp, monkeypatch):
+    hashes = set()
+    for block in (1, 7, 4096, 64 << 20):
+        monkeypatch.setattr(pm, "BLOCK_BYTES", block)
+        hashes.add(pm.build_map(tokens(30), f"m{block}", progress=False)["hash"])
+    assert len(hashes) == 1
+
+
+def test_damage_in_two_distant_blocks_names_exactly_their_items(in_tmp, small_blocks):
+    # 100 items of 128 int32 rows = 512 bytes: two blocks an item, so a block never straddles two items
+    items = [np.full(128, k, np.int32) for k in range(100)]
+    pm.build_map(items, "toy", progress=False)
+    flip(Path("toy.dat"), 7 * 512 + 3, 88 * 512 + 300)  # inside items 7 and 88
+    with pytest.raises(ValueError) as caught:
+        pm.verify_hash("toy", progress=False)
+    message = str(caught.value)
+    assert "hash mismatch" in message and "damaged in 2 block(s) of 256 bytes, holding items 7, 88:" in message
+
+
+def test_damage_spanning_blocks_names_the_items_they_hold(in_tmp, small_blocks):
+    items = [np.full(n, n, np.int16) for n in (10, 300, 5, 0, 40)]  # rows of 2 bytes
+    pm.build_map(items, "toy", progress=False)
+    flip(Path("toy.dat"), 100)  # block 0: bytes 0-255 = item 0 (20 bytes) and the start of item 1
+    with pytest.raises(ValueError, match="holding items 0-1: rebuild those"):
+        pm.verify_hash("toy", progress=False)
+
+
+def test_moved_boundaries_blame_the_offsets_not_the_data(in_tmp, small_blocks):
+    pm.build_map([np.arange(40), np.arange(40)], "toy", progress=False)
+    np.save("toy.starts.npy", np.array([0, 30, 80], np.uint64))
+    with pytest.raises(ValueError, match="every block of toy.dat is intact, so toy.starts.npy or the json's"):
+        pm.verify_hash("toy", progress=False)
+
+
+@pytest.mark.skipif(not LEGACY.is_dir(), reason="../shared/fixtures/legacy-0.1 is absent")
+def test_maps_without_block_digests_get_the_plain_message(in_tmp):
+    for suffix in (".dat", ".starts.npy", ".json"):
+        shutil.copy(LEGACY / f"tokens_u16{suffix}", f"old{suffix}")
+    flip(Path("old.dat"), 10)
+    with pytest.raises(ValueError, match="hash mismatch: .*; old.dat or old.starts.npy is damaged or was changed$"):
+        pm.verify_hash("old", progress=False)
+
+
+@pytest.mark.parametrize("change", [
+    {"block_bytes": 0}, {"block_bytes": "64"}, {"block_digests": "abc"}, {"block_digests": ["xyz"]},
+    {"block_digests": None}, {"block_bytes": None},
+])
+def test_malformed_block_keys_are_refused(in_tmp, change):
+    pm.build_map(tokens(5), "toy", progress=False)
+    header = read_json("toy")
+    header.update(change)
+    write_json("toy", {k: v for k, v in header.items() if v is not None})
+    with pytest.raises(ValueError, match="toy.json: block_bytes must be a positive integer"):
+        pm.get_loader_fn("toy")
+
+
+def test_a_json_listing_too_many_blocks_is_reported(in_tmp, small_blocks):
+    pm.build_map(tokens(20), "toy", progress=False)
+    header = read_json("toy")
+    header["block_digests"].append("0" * 16)
+    header["hash"] = "0" * 32
+    write_json("toy", header)
+    with pytest.raises(ValueError, match="the json lists .* block digests where toy.dat has"):
+        pm.verify_hash("toy", progress=False)
