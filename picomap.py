@@ -31,6 +31,7 @@ place with the json last and fsyncs the folder, so a reader sees the old map or 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import mmap
@@ -284,14 +285,55 @@ def _open_map(path: str | os.PathLike) -> OpenedMap:
 
 # ---------------------------------------------------------------- atomic commit
 
+def _claim(path: Path) -> int:
+    """Create path (a new temporary name) and hold an exclusive flock on it while this process
+    lives: that is how a later build tells a live build's temporaries from abandoned ones."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise PermissionError(e.errno, f"{path.parent}: cannot create files there (read-only?); "
+                              "nothing was changed") from None
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_abandoned(files: MapFiles) -> None:
+    """Delete temporaries of builds of this map whose process is gone (a SIGKILL, a power cut):
+    their flock is free. Those of live builds keep theirs and are left alone."""
+    if fcntl is None:  # no way to tell a live build from a dead one
+        return
+    for stale in files.dat.parent.glob(f".{files.dat.name}.*.tmp"):
+        tag = stale.name[len(files.dat.name) + 2:-len(".tmp")]
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its build is alive
+            continue
+        else:
+            for temp in files:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp.with_name(f".{temp.name}.{tag}.tmp"))
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def _staged(files: MapFiles):
     """Yield unique temporary paths beside ``files``; on a clean exit rename them into place, json last.
 
     On any exception (Ctrl-C too) remove them and re-raise: whatever map was at ``files`` is untouched.
+    A process killed outright leaves its temporaries; the next build of the same map removes them.
     """
+    _remove_abandoned(files)
     tag = secrets.token_hex(6)
     temps = MapFiles(*(p.with_name(f".{p.name}.{tag}.tmp") for p in files))
+    claim = _claim(temps.dat)
     try:
         yield temps
         with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
@@ -304,12 +346,14 @@ def _staged(files: MapFiles):
             with contextlib.suppress(OSError):
                 os.unlink(temp)
         raise
+    finally:
+        os.close(claim)
 
 
 @contextlib.contextmanager
 def _new_file(path: Path):
-    """Create path (never an existing file), yield it open for writing, flush and fsync it."""
-    with open(path, "xb") as handle:
+    """Yield the temporary path open for writing (from empty), then flush and fsync it."""
+    with open(path, "wb") as handle:
         yield handle
         handle.flush()
         os.fsync(handle.fileno())

@@ -244,7 +244,8 @@ def test_disk_errors_while_writing_or_committing_leave_previous_map(old_map, in_
     def opener(path, mode="r", *args, **kwargs):  # picomap's new files fill up the disk
         handle = open(path, mode, *args, **kwargs)
         room = 100 if target == "write-data" else 0
-        return FullDisk(handle, room) if "x" in mode and (target == "write-data") == path.name.startswith(".toy.dat") else handle
+        temporary = path.name.endswith(".tmp") and "w" in mode
+        return FullDisk(handle, room) if temporary and (target == "write-data") == path.name.startswith(".toy.dat") else handle
 
     with monkeypatch.context() as patch, pytest.raises(OSError) as caught:
         patch.setattr(pm, "BATCH_BYTES", 64)
