@@ -193,8 +193,8 @@ def _read_starts(starts_file: Path, handle, header: Header) -> np.ndarray:
             shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
         else:
             raise ValueError(f"npy version {version} is not used for offsets")
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
-        raise ValueError(f"{starts_file}: not a valid .npy file ({e})") from None
+    except Exception as e:  # numpy's header parser raises many types on damaged input (even TokenError)
+        raise ValueError(f"{starts_file}: not a valid .npy file ({type(e).__name__}: {e})") from None
     if dtype.kind not in "iu" or len(shape) != 1:
         raise ValueError(f"{starts_file}: offsets must be a 1-D integer array, not {dtype} of shape {shape}")
     if shape[0] != header.count + 1:

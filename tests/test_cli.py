@@ -100,3 +100,28 @@ def test_readme_shows_the_two_commands():
     test_command = re.search(r"^pip install (\S+) && (python -m pytest.*)$", README, flags=re.M)
     assert test_command, "README lacks the test command"
     assert f'pip install --quiet {test_command.group(1)}' in ci and test_command.group(2) in ci
+
+
+# Which tests back each number in the README's Reliability section: a file, and words of which a
+# test's name must hold one (none: every test of the file).
+RELIABILITY = {
+    "corrupt-map cases": [("test_load.py", ["corrupt", "oversized", "absurd", "no_map"]),
+                          ("test_damage.py", ["malformed", "too_many"])],
+    "fault-injection tests": [("test_faults.py", []), ("test_build.py", ["leave"]),
+                              ("test_merge.py", ["leaves", "changed", "interrupted", "writes_nothing",
+                                                 "not_be_an_input", "mismatched"])],
+    "bad-item cases": [("test_build.py", ["bad_item_raises", "meta_must"])],
+    "damage-location tests": [("test_damage.py", [])],
+}
+
+
+def test_readme_reliability_numbers_match_the_suite():
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120).stdout.splitlines()
+    tests = [line for line in collected if "::" in line]
+    for label, selections in RELIABILITY.items():
+        count = sum(1 for test in tests for file, words in selections
+                    if test.startswith(f"tests/{file}::") and (not words or any(w in test for w in words)))
+        assert f"**{count}** {label}" in README, f"README should say **{count}** {label}"
+    from test_fuzz import EXAMPLES
+    assert f"**2 × {EXAMPLES}** fuzzing examples" in README

@@ -99,7 +99,8 @@ def read_only(folder, how):
     """Make folder read-only for this process, root included, and give it back afterwards."""
     if how == "permissions":
         if os.geteuid() == 0:  # root writes through permissions: make the folder immutable instead
-            subprocess.run(["chattr", "+i", str(folder)], check=True)
+            if subprocess.run(["chattr", "+i", str(folder)]).returncode:
+                pytest.skip("chattr +i is refused on this file system")
         else:
             folder.chmod(0o555)
         try:
@@ -123,7 +124,8 @@ def test_a_read_only_folder_gives_a_clear_permission_error(tmp_path, how):
     if how == "read-only mount":
         if os.geteuid() != 0:
             pytest.skip("mounting a file system needs root")
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)]).returncode:
+            pytest.skip("this machine refuses mounts")
     try:
         pm.build_map(tokens(5), folder / "toy", progress=False)
         before, names = snapshot(folder / "toy"), listing(folder)

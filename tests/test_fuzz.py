@@ -1,0 +1,86 @@
+"""Fuzzing: random byte changes to each file of a valid map. The loader refuses with a clear error or
+serves exactly what the files say; verify_hash catches every change to the data."""
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import picomap as pm
+
+EXAMPLES = 300  # each property's examples per run; README's Reliability section quotes these
+SUFFIXES = (".dat", ".starts.npy", ".json")
+mutations = st.lists(st.tuples(st.integers(0, 2**20), st.integers(1, 255)), min_size=1, max_size=4)
+resize = st.one_of(st.none(), st.integers(-40, 40))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """The bytes of a small valid map with ragged 2-D items and several blocks."""
+    folder = tmp_path_factory.mktemp("pristine")
+    rng = np.random.default_rng(7)
+    items = [rng.standard_normal((int(n), 3)).astype(">f4") for n in rng.integers(0, 6, 12)]
+    saved, pm.BLOCK_BYTES = pm.BLOCK_BYTES, 64
+    try:
+        pm.build_map(items, folder / "m", progress=False)
+    finally:
+        pm.BLOCK_BYTES = saved
+    return {suffix: (folder / f"m{suffix}").read_bytes() for suffix in SUFFIXES}
+
+
+def damaged(data: bytes, changes, size_change) -> bytes:
+    data = bytearray(data)
+    if data:  # one change a position, each an xor by 1..255: every chosen byte really changes
+        for position, xor in {position % len(data): xor for position, xor in changes}.items():
+            data[position] ^= xor
+    if size_change is not None:
+        data = data[:max(0, len(data) + size_change)] if size_change < 0 else data + bytes(size_change)
+    return bytes(data)
+
+
+def what_the_files_say(files: dict) -> list[tuple[tuple, bytes]]:
+    """Each item's shape and bytes, read with json and numpy alone."""
+    header = json.loads(files[".json"])
+    dtype = np.lib.format.descr_to_dtype(header["dtype"])
+    trail = tuple(header["trail_dim"])
+    starts = np.load(io.BytesIO(files[".starts.npy"]), allow_pickle=False).astype(np.int64)
+    row = dtype.itemsize * math.prod(trail)
+    return [((int(b - a), *trail), files[".dat"][a * row:b * row]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def write(folder: Path, files: dict) -> Path:
+    for suffix, data in files.items():
+        (folder / f"m{suffix}").write_bytes(data)
+    return folder / "m"
+
+
+@FUZZ
+@given(which=st.sampled_from(SUFFIXES), changes=mutations, size_change=resize)
+def test_mutated_maps_are_refused_or_served_as_they_are(tmp_path, pristine, which, changes, size_change):
+    files = {**pristine, which: damaged(pristine[which], changes, size_change)}
+    base = write(tmp_path, files)
+    try:
+        load, n = pm.get_loader_fn(base)
+    except (ValueError, FileNotFoundError) as e:
+        assert "m.json" in str(e) or "m.starts.npy" in str(e) or "m.dat" in str(e)
+        return
+    said = what_the_files_say(files)
+    assert n == len(said)
+    for i, (shape, data) in enumerate(said):
+        assert load(i).shape == shape and load(i).tobytes() == data
+    try:
+        pm.verify_hash(base, progress=False)
+    except ValueError as e:
+        assert "hash mismatch" in str(e)
+
+
+@FUZZ
+@given(changes=mutations)
+def test_verify_catches_every_change_to_the_data(tmp_path, pristine, changes):
+    base = write(tmp_path, {**pristine, ".dat": damaged(pristine[".dat"], changes, None)})
+    with pytest.raises(ValueError, match="hash mismatch: .* m.dat is damaged in [0-9]+ block"):
+        pm.verify_hash(base, progress=False)
