@@ -1,5 +1,6 @@
 """Faults: killed processes, stale temporaries, read-only folders, readers racing a rebuild, 64-bit sizes."""
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -203,3 +204,26 @@ def test_offsets_and_sizes_past_4_gib_are_64_bit(in_tmp):
         f.truncate(big + 4)
     with pytest.raises(ValueError, match=f"toy.dat: holds {big + 4} bytes but the json says {big + 5} rows"):
         pm.get_loader_fn("toy")
+
+
+@pytest.mark.parametrize("job", ["build", "merge"])
+def test_a_really_full_disk_leaves_the_old_map(tmp_path, job):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)]).returncode:
+        pytest.skip("this machine refuses mounts")
+    try:
+        pm.build_map(tokens(20), folder / "toy", progress=False)
+        before, names = snapshot(folder / "toy"), listing(folder)
+        big = [np.zeros(100_000, np.int32) for _ in range(4)]  # 1.6 MB: more than the disk holds
+        with pytest.raises(OSError) as caught:
+            if job == "build":
+                pm.build_map(big, folder / "toy", progress=False)
+            else:
+                pm.build_map(big, tmp_path / "shard", progress=False)
+                pm.merge_maps([tmp_path / "shard"], folder / "toy", progress=False)
+        assert caught.value.errno == errno.ENOSPC
+        assert snapshot(folder / "toy") == before and listing(folder) == names
+        assert pm.verify_hash(folder / "toy", progress=False)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
