@@ -672,13 +672,15 @@ def _batches(starts: np.ndarray, row_bytes: int, batch_bytes: int = BATCH_BYTES 
         i = j
 
 
-def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, bar: tqdm, blocks: _BlockDigests) -> str:
-    """The content hash of the items data[starts[i]:starts[i+1]], and the data's block digests."""
+def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, bar: tqdm,
+                  blocks: _BlockDigests | None = None) -> str:
+    """The content hash of the items data[starts[i]:starts[i+1]]; also feeds the data to blocks."""
     h = xxhash.xxh3_128(_MAP_HEAD)
     for i, j in _batches(starts, row_bytes):
         a, b = int(starts[i]), int(starts[j])
         _update_hash_with_items(h, data[a:b], np.diff(starts[i:j + 1]))
-        blocks.update(_as_bytes(data[a:b]))
+        if blocks is not None:
+            blocks.update(_as_bytes(data[a:b]))
         bar.update((b - a) * row_bytes)
     h.update(_MAP_TAIL)
     return h.hexdigest()
@@ -709,15 +711,16 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     It detects accidental damage; it is not a signature against deliberate tampering.
     """
     files, header, starts, data, _ = _open_map(path)
-    blocks = _BlockDigests(header.block_bytes or BLOCK_BYTES)
     with tqdm(total=data.nbytes, desc=f"verify {files.dat.name}", unit="B", unit_scale=True,
               disable=not progress) as bar:
-        computed = _compute_hash(starts, data, header.row_bytes, bar, blocks)
+        computed = _compute_hash(starts, data, header.row_bytes, bar)
     if computed == header.hash:
         return True
     message = (f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to {computed}")
     if header.block_digests is None:
         raise ValueError(f"{message}; {files.dat.name} or {files.starts.name} is damaged or was changed")
+    blocks = _BlockDigests(header.block_bytes)  # only now: a second pass, to locate the damage
+    blocks.update(_as_bytes(data))
     found = blocks.finish()
     bad = [k for k in range(max(len(found), len(header.block_digests)))
            if k >= len(found) or k >= len(header.block_digests) or found[k] != header.block_digests[k]]
