@@ -48,6 +48,15 @@ def write_json(base, header) -> None:
 
 
 @pytest.fixture
+def old_map(in_tmp):
+    """A map at ./toy before the test tries to replace it: its items and its files' bytes."""
+    import picomap as pm
+    items = tokens(20, seed=1)
+    pm.build_map(items, "toy", progress=False)
+    return items, snapshot("toy")
+
+
+@pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run the test inside a fresh folder, as a user running a script there would."""
     monkeypatch.chdir(tmp_path)

@@ -1,11 +1,6 @@
 """build_map: what lands on disk, the items and errors it accepts, and what a failure leaves behind."""
 import errno
-import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -181,13 +176,6 @@ def test_meta_must_be_a_json_object(in_tmp, meta):
 
 # ---------------------------------------------------------------- failures leave the old map exactly as it was
 
-@pytest.fixture
-def old_map(in_tmp):
-    items = tokens(20, seed=1)
-    pm.build_map(items, "toy", progress=False)
-    return items, snapshot("toy")
-
-
 def failing_items(exc):
     yield from tokens(10, seed=2)
     raise exc
@@ -256,31 +244,6 @@ def test_disk_errors_while_writing_or_committing_leave_previous_map(old_map, in_
         pm.build_map(tokens(10, seed=2), "toy", progress=False)
     assert caught.value.errno == errno.ENOSPC
     assert_old_map_intact(old_map, in_tmp)
-
-
-def test_sigkill_mid_build_leaves_previous_map_loadable(old_map, in_tmp):
-    script = textwrap.dedent("""
-        import sys, time, numpy as np, picomap as pm
-        pm.BATCH_BYTES = 16
-        def items():
-            for i in range(1000):
-                if i == 500:
-                    print("midway", flush=True)
-                    time.sleep(60)
-                yield np.full(i % 9, i, np.int32)
-        pm.build_map(items(), "toy", progress=False)
-    """)
-    env = {**os.environ, "PYTHONPATH": str(Path(pm.__file__).parent)}
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=in_tmp, env=env, stdout=subprocess.PIPE)
-    assert child.stdout.readline() == b"midway\n"
-    leftovers = [name for name in listing(in_tmp) if name not in MAP_FILES]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".toy.dat.") and leftovers[0].endswith(".tmp")
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    items, files = old_map
-    assert snapshot("toy") == files
-    assert pm.verify_hash("toy", progress=False)
-    assert_same_items(read_back("toy"), items)
 
 
 def test_a_new_build_replaces_the_old_map_whole(old_map, in_tmp):

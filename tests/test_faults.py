@@ -3,7 +3,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,21 +45,18 @@ SLOW_BUILD = """
 """
 
 
-@pytest.fixture
-def old_map(in_tmp):
-    items = tokens(20, seed=1)
-    pm.build_map(items, "toy", progress=False)
-    return items, snapshot("toy")
-
-
 def temporaries(folder):
     return [name for name in listing(folder) if name.endswith(".tmp")]
 
 
 def test_a_killed_build_leaves_temporaries_that_the_next_build_removes(old_map, in_tmp):
     kill_when_midway(start_python(SLOW_BUILD, in_tmp))
-    assert snapshot("toy") == old_map[1] and pm.verify_hash("toy", progress=False)
-    assert len(temporaries(in_tmp)) == 1
+    items, files = old_map
+    assert snapshot("toy") == files and pm.verify_hash("toy", progress=False)
+    load, n = pm.get_loader_fn("toy")
+    assert n == len(items) and all(np.array_equal(load(i), item) for i, item in enumerate(items))
+    left = temporaries(in_tmp)
+    assert len(left) == 1 and left[0].startswith(".toy.dat.")
     pm.build_map(tokens(3), "toy", progress=False)
     assert listing(in_tmp) == MAP_FILES
 

@@ -1,8 +1,6 @@
 """merge_maps: the same bytes and hash as one build, clear refusals that write nothing, crash safety."""
 import errno
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
