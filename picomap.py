@@ -515,8 +515,9 @@ class _ItemWriter:
         else:  # into the map's own dtype: concatenate alone would turn >i4 into native <i4
             rows = np.empty((int(lengths.sum()), *self.trail), self.dtype)
             np.concatenate(self.batch, out=rows)
-        self.handle.write(_as_bytes(rows))
-        self.blocks.update(_as_bytes(rows))
+        data = _as_bytes(rows)
+        self.handle.write(data)
+        self.blocks.update(data)
         _update_hash_with_items(self.hash, rows, lengths)
         self.ends.frombytes((np.cumsum(lengths) + self.ends[-1]).tobytes())
         self.batch, self.batch_bytes = [], 0
@@ -603,7 +604,7 @@ def _copy_into(source: OpenedMap, target, bar: tqdm) -> None:
     with _open_file(source.files.dat) as handle:
         if _identity(handle) != source.identity:
             raise ValueError(f"{source.files.dat}: changed while merging; nothing was written")
-        size, done, fd = source.identity[2], 0, handle.fileno()
+        size, done, fd = source.data.nbytes, 0, handle.fileno()
         while done < size:
             count = min(COPY_CHUNK_BYTES, size - done)
             try:
@@ -642,8 +643,8 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
     starts = _concatenated_starts(shards)
     metas = [s.header.meta for s in shards]
     meta = metas[0] if metas and all(m == metas[0] for m in metas) else {}
-    row_bytes = dtype.itemsize * math.prod(trail)
-    total_bytes = sum(s.identity[2] for s in shards)
+    merged = Header(dtype, trail, len(starts) - 1, int(starts[-1]), "", meta)
+    total_bytes = sum(s.data.nbytes for s in shards)
     target.dat.parent.mkdir(parents=True, exist_ok=True)
     with _staged(target) as temps, tqdm(total=2 * total_bytes, desc=f"merge {target.dat.name}", unit="B",
                                         unit_scale=True, disable=not progress) as bar:
@@ -651,9 +652,9 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
             for shard in shards:
                 _copy_into(shard, handle, bar)
         with open(temps.dat, "rb") as handle:  # hash what landed in the file, not what we meant to write
-            written = _map_rows(handle, temps, Header(dtype, trail, len(starts) - 1, int(starts[-1]), "", {}))
+            written = _map_rows(handle, temps, merged)
         blocks = _BlockDigests(BLOCK_BYTES)
-        digest = _compute_hash(starts, written, row_bytes, bar, blocks)
+        digest = _compute_hash(starts, written, merged.row_bytes, bar, blocks)
         header = _header_dict(dtype, trail, starts, digest, blocks, meta)
         _write_map_files(temps, starts, header)
     return header
