@@ -424,7 +424,6 @@ class _BlockDigests:
     def finish(self) -> list[str]:
         if self.left < self.block_bytes:  # a last, partial block
             self.digests.append(self.hash.hexdigest())
-            self.left = self.block_bytes
         return self.digests
 
 
@@ -717,20 +716,19 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
         computed = _compute_hash(starts, data, header.row_bytes, bar)
     if computed == header.hash:
         return True
-    message = (f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to {computed}")
+    message = f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to {computed}"
     if header.block_digests is None:
         raise ValueError(f"{message}; {files.dat.name} or {files.starts.name} is damaged or was changed")
     blocks = _BlockDigests(header.block_bytes)  # only now: a second pass, to locate the damage
     blocks.update(_as_bytes(data))
     found = blocks.finish()
-    bad = [k for k in range(max(len(found), len(header.block_digests)))
-           if k >= len(found) or k >= len(header.block_digests) or found[k] != header.block_digests[k]]
-    if not bad:
-        raise ValueError(f"{message}; every block of {files.dat.name} is intact, so {files.starts.name} or the "
-                         "json's dtype or trail_dim differ from what was built")
     if len(found) != len(header.block_digests):
         raise ValueError(f"{message}; the json lists {len(header.block_digests)} block digests where "
                          f"{files.dat.name} has {len(found)} blocks")
+    bad = [k for k, (a, b) in enumerate(zip(found, header.block_digests)) if a != b]
+    if not bad:
+        raise ValueError(f"{message}; every block of {files.dat.name} is intact, so {files.starts.name} or the "
+                         "json's dtype or trail_dim differ from what was built")
     items = _damaged_items(starts, header.row_bytes, bad, blocks.block_bytes)
     raise ValueError(f"{message}; {files.dat.name} is damaged in {len(bad)} block(s) of {blocks.block_bytes} "
                      f"bytes, holding items {items}: rebuild those")
