@@ -6,23 +6,29 @@ File format. A map at base path ``B`` is three files; a reader may rely on all o
     The items' bytes in C order, back to back, no header and no padding. Its size is exactly
     ``total_rows * row_bytes``, where ``row_bytes = dtype.itemsize * prod(trail_dim)``.
 ``B.starts.npy``
-    A 1-D integer ``.npy`` (written as uint64) of ``count + 1`` offsets in rows, the units of the
-    first dimension, not bytes: item ``i`` is rows ``starts[i]:starts[i+1]`` of ``B.dat``.
-    ``starts[0] == 0``, offsets never decrease, ``starts[-1] == total_rows``.
+    A 1-D ``.npy`` of ``count + 1`` offsets, written as little-endian uint64 (a reader accepts any
+    integer type), in rows, the units of the first dimension, not bytes: item ``i`` is rows
+    ``starts[i]:starts[i+1]`` of ``B.dat``. ``starts[0] == 0``, offsets never decrease,
+    ``starts[-1] == total_rows``.
 ``B.json``
-    One JSON object. ``dtype``: numpy's ``str(dtype)`` (``"float32"``, ``">i4"``), or for a
-    structured dtype its ``.npy`` descr as a list; byte order is part of it. ``trail_dim``: the
-    trailing shape ``shape[1:]`` shared by every item, a list of ints. ``count``: the number of
-    items. ``total_rows``: the sum of their first dimensions. ``hash``: the content hash, 32 hex
-    digits. ``creation_time``: free text. Since 1.0 also ``format_version`` (1) and ``meta``, the
-    user's own JSON object, and ``block_bytes`` with ``block_digests``: the xxh3_64 hexdigest of
-    each ``block_bytes`` of ``B.dat`` (the last block shorter), to locate damage. Maps of picomap
-    0.1 lack these four; they read as version 1 with ``{}`` and no block digests.
+    One JSON object. ``dtype``: numpy's ``str(dtype)`` (``"float32"``, ``">i4"``, ``"bfloat16"``
+    for ml_dtypes types), or for a structured dtype its ``.npy`` descr as a list; byte order is
+    part of it. ``trail_dim``: the trailing shape ``shape[1:]`` shared by every item, a list of
+    ints. ``count``: the number of items. ``total_rows``: the sum of their first dimensions.
+    ``hash``: the content hash, 32 hex digits. ``creation_time``: free text. Since 1.0 also
+    ``format_version`` (1) and ``meta``, the user's own JSON object, and ``block_bytes`` with
+    ``block_digests``: the xxh3_64 hexdigest of each ``block_bytes`` of ``B.dat`` (the last block
+    shorter), to locate damage. Maps of picomap 0.1 lack these four; they read as version 1 with
+    ``{}`` and no block digests.
 
-Content hash. xxh3_128 (seed 0) over the byte stream ``b"D|v1|"``, then for each item ``b"A|v1|"``,
-the item's ``dtype.str`` in ASCII (``"<f4"``), its ndim as one little-endian int64, its shape as
-little-endian int64s and its C-order bytes, then ``b"D|end|"``; stored as ``hexdigest()``. It
-depends only on the items: never on time, paths or how the bytes were chunked.
+Content hash. xxh3_128 (seed 0) over the byte stream ``b"D|v1|"``, then a frame for each item,
+then ``b"D|end|"``; stored as ``hexdigest()``. An item's frame is its dtype's tag, its ndim as one
+little-endian int64, its shape as little-endian int64s and its C-order bytes. The tag is
+``b"A|v1|"`` and ``dtype.str`` in ASCII (``"<f4"``) where ``dtype.str`` names the dtype alone
+(every plain numeric, bool, datetime, bytes, str and void dtype: picomap 0.1's frame), else
+``b"A|v2|"``, the length of the json's ``dtype`` text as a little-endian int64 and that text
+(structured dtypes, whose ``dtype.str`` is ``"|V8"`` whatever their fields, and ml_dtypes types).
+The hash depends only on the items: never on time, paths or how the bytes were chunked.
 
 A build writes uniquely named temporary files beside the map, fsyncs them, renames them into
 place with the json last and fsyncs the folder, so a reader sees the old map or the new one.
@@ -32,16 +38,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import io
 import json
 import math
 import mmap
 import operator
 import os
+import re
 import secrets
+import stat
 import struct
 import sys
+import threading
 import time
-from array import array
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -54,27 +64,37 @@ try:
 except ImportError:  # Windows: no flock; commits are still atomic per file
     fcntl = None
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 __all__ = ["build_map", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array", "MapLoader",
            "map_files", "main"]
 
 FORMAT_VERSION = 1
 # A json bigger than this is refused before parsing: a damaged or hostile file must not exhaust memory.
 MAX_JSON_BYTES = 64 << 20
-# build_map gathers items until they hold this many bytes, then writes and hashes them in one go:
+# meta may take half of that; the rest is for picomap's own keys, block digests above all.
+MAX_META_BYTES = MAX_JSON_BYTES // 2
+# build_map copies items into a buffer of this many bytes, then writes and hashes them in one go:
 # large enough that per-call overheads vanish, small enough to stay in cache and keep memory flat.
 BATCH_BYTES = 1 << 20
+# ... and at most this many items a batch, so that memory stays flat for items of no bytes too.
+BATCH_ITEMS = 1 << 16
 # Items under this many bytes on average are hashed by copying them, with their frame headers, into
 # one buffer (cheaper than two Python calls an item); larger ones are fed to xxhash where they lie.
 FRAME_COPY_BELOW = 1024
-_MAP_HEAD, _MAP_TAIL, _ITEM_TAG = b"D|v1|", b"D|end|", b"A|v1|"
+_MAP_HEAD, _MAP_TAIL, _ITEM_TAG, _ITEM_TAG_V2 = b"D|v1|", b"D|end|", b"A|v1|", b"A|v2|"
 _REQUIRED_KEYS = ("trail_dim", "hash", "dtype", "count", "total_rows")
 _EMPTY_LAYOUT = (np.dtype(np.float64), ())  # what a map of no items records; no item depends on it
+_SUFFIXES = (".dat", ".starts.npy", ".json")
+# Names numpy knows only once ml_dtypes is imported (bfloat16, float8_e4m3fn, int4, ...).
+_ML_DTYPE_NAME = re.compile(r"bfloat16|b?complex32|float[468]_e\w+|u?int[124]")
 # os.copy_file_range moves at most this much per call, so that the progress bar moves too.
 COPY_CHUNK_BYTES = 64 << 20
 # The .dat gets one xxh3_64 digest per block of this size, so verify_hash can say which items are
 # damaged: 64 MiB keeps the json near 300 KB even for a terabyte map.
 BLOCK_BYTES = 64 << 20
+# A loader checks the offsets of 2**CHECK_SHIFT items (128 KiB of them) the first time one of those
+# items is loaded, rather than all of them at open: opening stays O(1) and the offsets stay shared.
+CHECK_SHIFT = 14
 
 
 # ---------------------------------------------------------------- paths and metadata
@@ -87,24 +107,39 @@ class MapFiles(NamedTuple):
 
 
 def map_files(path: str | os.PathLike) -> MapFiles:
-    """The three files of the map at ``path``: the base (``"ds/train"``) or its ``.dat`` file.
+    """The three files of the map at ``path``: its base (``"ds/train"``) or any of its files.
 
-    Only a trailing ``.dat`` is stripped: ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc.
+    One trailing ``.dat``, ``.starts.npy`` or ``.json`` is stripped, nothing else:
+    ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc.
     """
     base = os.fspath(path)
     if not isinstance(base, str):
         raise TypeError(f"picomap: path must be a str or os.PathLike of str, not {type(path).__name__}")
-    base = base.removesuffix(".dat")
-    if not Path(base).name or base.endswith(("/", os.sep)):
+    for suffix in _SUFFIXES:
+        if base.endswith(suffix):
+            base = base[:-len(suffix)]
+            break
+    if Path(base).name in ("", ".", "..") or base.endswith(("/", os.sep)):
         raise ValueError(f"picomap: {os.fspath(path)!r} names a folder, not a map")
     return MapFiles(Path(base + ".dat"), Path(base + ".starts.npy"), Path(base + ".json"))
 
 
+def _import_ml_dtypes(what: str, error: type[Exception]):
+    """ml_dtypes, which registers bfloat16 and its kin with numpy; imported only when a map needs it."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise error(f"{what} needs the ml_dtypes package: pip install ml_dtypes") from None
+    return ml_dtypes
+
+
 def _dtype_to_json(dtype: np.dtype) -> str | list:
-    return np.lib.format.dtype_to_descr(dtype) if dtype.fields else str(dtype)
+    return np.lib.format.dtype_to_descr(dtype) if dtype.fields is not None else str(dtype)
 
 
-def _dtype_from_json(value: Any, where: Path) -> np.dtype:
+def _dtype_from_json(value: Any, where: Path | str) -> np.dtype:
+    if isinstance(value, str) and _ML_DTYPE_NAME.fullmatch(value):
+        _import_ml_dtypes(f"{where}: dtype {value}", ValueError)
     try:
         dtype = np.lib.format.descr_to_dtype(value)
     except Exception as e:  # numpy raises a zoo of types on hostile input; all mean the same here
@@ -115,8 +150,16 @@ def _dtype_from_json(value: Any, where: Path) -> np.dtype:
 
 
 def _check_layout(dtype: np.dtype, where: str) -> None:
+    """Refuse a dtype a map cannot hold: Python objects, or one its json would not give back."""
     if dtype.hasobject:
         raise TypeError(f"{where}: dtype {dtype} holds Python objects; picomap stores plain bytes only")
+    try:
+        same = _dtype_from_json(json.loads(json.dumps(_dtype_to_json(dtype))), where) == dtype
+    except ValueError:  # titled, overlapping or out-of-order fields have no .npy descr to write
+        same = False
+    if not same:
+        raise ValueError(f"{where}: dtype {dtype} cannot be recorded in a map's json (titled, overlapping or "
+                         "out-of-order fields, or none at all); use plain fields in order")
 
 
 def _is_hex(text: str) -> bool:
@@ -183,8 +226,16 @@ def _read_header(json_file: Path, handle) -> Header:
                   raw["total_rows"], digest, meta, block_bytes, blocks)
 
 
-def _read_starts(starts_file: Path, handle, header: Header) -> np.ndarray:
-    """Read and check the offsets: header fields are checked before anything is allocated."""
+def _map_file(handle) -> mmap.mmap:
+    # From Python 3.13 a mapping need not keep a duplicate of the file descriptor: then an open
+    # map holds no descriptor at all, however many are open.
+    no_fd = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+    return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ, **no_fd)
+
+
+def _map_starts(starts_file: Path, handle, header: Header) -> np.ndarray:
+    """The offsets as a read-only int64 array, mapped, not read: the header, the size and the first
+    and last offsets are checked here, the rest by whoever reads them (``_check_offsets``)."""
     try:
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):
@@ -200,20 +251,49 @@ def _read_starts(starts_file: Path, handle, header: Header) -> np.ndarray:
     if shape[0] != header.count + 1:
         raise ValueError(f"{starts_file}: holds {shape[0]} offsets but the json says count={header.count}, "
                          f"which needs {header.count + 1}")
-    left = os.fstat(handle.fileno()).st_size - handle.tell()
+    offset = handle.tell()
+    left = os.fstat(handle.fileno()).st_size - offset
     if left != dtype.itemsize * shape[0]:
         raise ValueError(f"{starts_file}: {left} bytes of offsets where {dtype.itemsize * shape[0]} "
                          "are needed (file seems not fully written?)")
-    starts = np.fromfile(handle, dtype=dtype, count=shape[0])
+    if dtype.itemsize == 8 and dtype.isnative:  # as picomap writes them; uint64 values past 2**63 turn negative
+        starts = np.ndarray(shape, dtype, buffer=_map_file(handle), offset=offset).view(np.int64)
+    else:  # another writer's integers: read and converted, O(N), since they cannot be mapped as int64
+        starts = np.fromfile(handle, dtype, shape[0]).astype(np.int64)
+        starts.flags.writeable = False
     if starts[0] != 0:
         raise ValueError(f"{starts_file}: the first offset is {starts[0]}, not 0")
-    if not np.all(starts[1:] >= starts[:-1]):  # not np.diff: on uint64 it wraps instead of going negative
-        bad = int(np.argmin(starts[1:] >= starts[:-1]))
-        raise ValueError(f"{starts_file}: offsets decrease at item {bad} ({starts[bad]} then {starts[bad + 1]})")
     if starts[-1] != header.total_rows:
         raise ValueError(f"{starts_file}: the last offset is {starts[-1]} but the json says "
                          f"total_rows={header.total_rows}")
-    return starts.astype(np.uint64, copy=False)
+    return starts
+
+
+def _check_offsets(offsets: np.ndarray, first_item: int, low: int, high: int, where: Path) -> None:
+    """Raise ValueError unless ``offsets`` (those of items ``first_item``, ``first_item + 1``, ...)
+    never decrease and lie within ``low..high``: then their items overlap no other and lie in the data."""
+    decreasing = offsets[1:] < offsets[:-1]
+    if decreasing.any():
+        k = int(np.argmax(decreasing))
+        raise ValueError(f"{where}: offsets decrease at item {first_item + k} ({offsets[k]} then {offsets[k + 1]})")
+    if offsets[0] < low or offsets[-1] > high:
+        raise ValueError(f"{where}: the offsets of items {first_item}-{first_item + len(offsets) - 2} run from "
+                         f"{offsets[0]} to {offsets[-1]}, outside rows {low}-{high} that the items around them leave")
+
+
+def _item_runs(count: int, run_items: int = BATCH_ITEMS):
+    """Consecutive ranges (i, j) of at most run_items items that cover range(count)."""
+    for i in range(0, count, run_items):
+        yield i, min(i + run_items, count)
+
+
+def _checked_runs(starts: np.ndarray, where: Path):
+    """Yield (i, j, offsets i..j) over a map's items in bounded runs, each run's offsets checked: once
+    the generator is exhausted every offset was (with both ends checked at open)."""
+    for i, j in _item_runs(len(starts) - 1):
+        offsets = starts[i:j + 1]
+        _check_offsets(offsets, i, 0, int(starts[-1]), where)
+        yield i, j, offsets
 
 
 @contextlib.contextmanager
@@ -233,11 +313,19 @@ def _folder_lock(folder: Path, exclusive: bool):
 
 
 def _open_file(path: Path):
+    """path opened for reading, if it is a regular file: never blocks on a FIFO or reads a device."""
     try:
-        return open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing (a map is three files side by side: "
                                 "NAME.dat, NAME.starts.npy and NAME.json)") from None
+    except IsADirectoryError:  # where a folder cannot be opened at all
+        raise ValueError(f"{path}: a folder, not a map file") from None
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise ValueError(f"{path}: not a regular file (a folder, FIFO or device); a map is three regular files")
+    return handle
 
 
 def _map_rows(handle, files: MapFiles, header: Header) -> np.ndarray:
@@ -253,7 +341,7 @@ def _map_rows(handle, files: MapFiles, header: Header) -> np.ndarray:
             rows.flags.writeable = False
             return rows
         # read-only, because the mapping is; the mapping outlives the handle
-        return np.ndarray(shape, header.dtype, buffer=mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+        return np.ndarray(shape, header.dtype, buffer=_map_file(handle))
     except ValueError as e:  # numpy's own message would not say which map
         raise ValueError(f"{files.json}: shape {shape} of {header.dtype} is not a valid array ({e})") from None
 
@@ -261,24 +349,24 @@ def _map_rows(handle, files: MapFiles, header: Header) -> np.ndarray:
 class OpenedMap(NamedTuple):
     files: MapFiles
     header: Header
-    starts: np.ndarray  # uint64, count + 1
+    starts: np.ndarray  # int64, count + 1, mapped; only both ends checked
     data: np.ndarray  # read-only, mapped
     identity: tuple  # the mapped .dat's device, inode, size and mtime: the file, not its name
 
 
 def _identity(handle) -> tuple:
-    stat = os.fstat(handle.fileno())
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    stat_ = os.fstat(handle.fileno())
+    return stat_.st_dev, stat_.st_ino, stat_.st_size, stat_.st_mtime_ns
 
 
 def _open_map(path: str | os.PathLike) -> OpenedMap:
-    """Open, check and map the map at path."""
+    """Open, check and map the map at path, in O(1) time and memory whatever its item count."""
     files = map_files(path)
     with _folder_lock(files.json.parent, exclusive=False):
         with _open_file(files.json) as handle:
             header = _read_header(files.json, handle)
         with _open_file(files.starts) as handle:
-            starts = _read_starts(files.starts, handle, header)
+            starts = _map_starts(files.starts, handle, header)
         with _open_file(files.dat) as handle:  # size check and mapping on one handle: one file, never two
             return OpenedMap(files, header, starts, _map_rows(handle, files, header), _identity(handle))
 
@@ -305,7 +393,7 @@ def _remove_abandoned(files: MapFiles) -> None:
     their flock is free. Those of live builds keep theirs and are left alone."""
     if fcntl is None:  # no way to tell a live build from a dead one
         return
-    for stale in files.dat.parent.glob(f".{files.dat.name}.*.tmp"):
+    for stale in files.dat.parent.glob(f".{glob.escape(files.dat.name)}.*.tmp"):
         tag = stale.name[len(files.dat.name) + 2:-len(".tmp")]
         try:
             fd = os.open(stale, os.O_RDONLY)
@@ -359,18 +447,46 @@ def _new_file(path: Path):
         os.fsync(handle.fileno())
 
 
-def _write_map_files(temps: MapFiles, starts: np.ndarray, header: dict) -> None:
-    with _new_file(temps.starts) as handle:
-        np.lib.format.write_array(handle, starts, allow_pickle=False)
-    with _new_file(temps.json) as handle:
+def _npy_header(count: int) -> bytes:
+    """The .npy header np.save writes for ``count`` uint64 offsets: 128 bytes whatever the count,
+    since numpy pads headers to a multiple of 64."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<u8", "fortran_order": False, "shape": (count,)})
+    return header.getvalue()
+
+
+class _OffsetsFile:
+    """Row offsets streamed into an open .npy file, so no process ever holds them all; the header,
+    which holds their count, is written over its placeholder last."""
+
+    def __init__(self, handle):
+        self.handle, self.count, self.end = handle, 0, 0
+        handle.write(_npy_header(0))
+        self.append(np.zeros(1, np.int64))
+
+    def append(self, offsets: np.ndarray) -> None:
+        """Add offsets (int64, never decreasing, from self.end on)."""
+        self.handle.write(offsets.astype("<u8"))
+        self.count += len(offsets)
+        if len(offsets):
+            self.end = int(offsets[-1])
+
+    def finish(self) -> None:
+        self.handle.seek(0)
+        self.handle.write(_npy_header(self.count))
+        self.handle.seek(0, os.SEEK_END)
+
+
+def _write_json(path: Path, header: dict) -> None:
+    with _new_file(path) as handle:
         handle.write(json.dumps(header).encode())
 
 
-def _header_dict(dtype: np.dtype, trail: tuple, starts: np.ndarray, digest: str, blocks, meta: dict) -> dict:
+def _header_dict(dtype: np.dtype, trail: tuple, offsets: _OffsetsFile, digest: str, blocks, meta: dict) -> dict:
     # The 0.1 keys first, with their 0.1 meanings, so a 0.1 reader still loads the map.
     return {"trail_dim": list(trail), "hash": digest,
             "creation_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dtype": _dtype_to_json(dtype), "count": len(starts) - 1, "total_rows": int(starts[-1]),
+            "dtype": _dtype_to_json(dtype), "count": offsets.count - 1, "total_rows": offsets.end,
             "format_version": FORMAT_VERSION, "meta": meta,
             "block_bytes": blocks.block_bytes, "block_digests": blocks.finish()}
 
@@ -382,15 +498,26 @@ def _as_bytes(arr: np.ndarray) -> np.ndarray:
     return arr.reshape(-1).view(np.uint8)
 
 
+def _dtype_tag(dtype: np.dtype) -> bytes:
+    """The start of every frame of this dtype: v1 (picomap 0.1's) where ``dtype.str`` names the dtype
+    alone, else v2, which names it by its json text (structured dtypes, ml_dtypes types)."""
+    if np.dtype(dtype.str) == dtype:
+        return _ITEM_TAG + dtype.str.encode("ascii")
+    text = json.dumps(_dtype_to_json(dtype)).encode()
+    return _ITEM_TAG_V2 + struct.pack("<q", len(text)) + text
+
+
 def _item_header(dtype: np.dtype, shape: tuple) -> bytes:
-    return _ITEM_TAG + dtype.str.encode("ascii") + struct.pack(f"<{len(shape) + 1}q", len(shape), *shape)
+    return _dtype_tag(dtype) + struct.pack(f"<{len(shape) + 1}q", len(shape), *shape)
 
 
 def update_hash_with_array(h, arr) -> Any:
     """Feed one item's frame into the xxhash object ``h`` and return ``h``.
 
-    The frame is ``b"A|v1|"``, ``dtype.str``, ndim and shape as little-endian int64s, then the
-    C-order bytes, so equal arrays always hash alike, whatever their memory layout::
+    The frame is the dtype's tag, ndim and shape as little-endian int64s, then the C-order bytes,
+    so equal arrays always hash alike, whatever their memory layout. The tag is ``b"A|v1|"`` and
+    ``dtype.str`` (picomap 0.1's frame) where that names the dtype, else ``b"A|v2|"`` with the
+    json's dtype text, so that two dtypes of the same bytes never hash alike::
 
         >>> h = xxhash.xxh3_128(b"D|v1|")
         >>> update_hash_with_array(h, np.arange(3, dtype=np.int32)).update(b"D|end|")
@@ -429,9 +556,8 @@ class _BlockDigests:
 
 def _frame_headers(dtype: np.dtype, trail: tuple, lengths: np.ndarray) -> np.ndarray:
     """Every item's frame header as the rows of an (n, width) uint8 array; only the length differs."""
-    head = _item_header(dtype, (0, *trail))
-    headers = np.tile(np.frombuffer(head, np.uint8), (len(lengths), 1))
-    at = len(_ITEM_TAG + dtype.str.encode("ascii")) + 8  # after the tag, the dtype and ndim
+    headers = np.tile(np.frombuffer(_item_header(dtype, (0, *trail)), np.uint8), (len(lengths), 1))
+    at = len(_dtype_tag(dtype)) + 8  # the first dimension follows the tag and ndim
     headers[:, at:at + 8] = lengths.astype("<i8").view(np.uint8).reshape(-1, 8)
     return headers
 
@@ -471,7 +597,42 @@ def _update_hash_with_items(h, rows: np.ndarray, lengths: np.ndarray) -> None:
 
 # ---------------------------------------------------------------- writing
 
+def _tensor_as_array(index: int, tensor) -> np.ndarray:
+    """A CPU torch tensor's values as numpy sees them; bfloat16 and float8 through ml_dtypes."""
+    torch = sys.modules["torch"]
+    if tensor.device.type != "cpu":
+        raise TypeError(f"item {index}: a torch tensor on {tensor.device}; pass tensor.cpu()")
+    tensor = tensor.detach().resolve_conj().resolve_neg()
+    try:
+        return tensor.numpy()
+    except TypeError:  # a dtype numpy has only through ml_dtypes
+        pass
+    name = str(tensor.dtype).removeprefix("torch.")
+    ml_dtypes = _import_ml_dtypes(f"item {index}: torch.{name}", TypeError)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(tensor.element_size())
+    if not hasattr(ml_dtypes, name) or bits is None:
+        raise TypeError(f"item {index}: torch.{name} has no numpy dtype picomap can store")
+    return tensor.view(bits).numpy().view(getattr(ml_dtypes, name))
+
+
+def _as_array(index: int, item) -> np.ndarray:
+    torch = sys.modules.get("torch")  # an item can only be a tensor if torch is imported already
+    if torch is not None and isinstance(item, torch.Tensor):
+        return _tensor_as_array(index, item)
+    try:
+        return np.asarray(item)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"item {index}: not an array ({e})") from None
+
+
+def _is_untyped_empty(item, arr: np.ndarray) -> bool:
+    """An empty list or tuple: numpy calls it float64, but it holds no value of any type."""
+    return arr.size == 0 and isinstance(item, (list, tuple))
+
+
 def _bad_item(index: int, arr: np.ndarray, dtype: np.dtype, trail: tuple) -> Exception:
+    if arr.dtype.hasobject:
+        return TypeError(f"item {index}: dtype {arr.dtype} holds Python objects; picomap stores plain bytes only")
     if arr.ndim == 0:
         return ValueError(f"item {index}: a 0-d array; items need a first (ragged) dimension")
     if arr.dtype != dtype:
@@ -482,92 +643,134 @@ def _bad_item(index: int, arr: np.ndarray, dtype: np.dtype, trail: tuple) -> Exc
 
 
 class _ItemWriter:
-    """Streams items to an open file in batches, hashing as it goes and recording row offsets."""
+    """Streams items to open .dat and .starts.npy files in batches, hashing as it goes.
 
-    def __init__(self, handle):
-        self.handle = handle
+    Each item's bytes are copied into the batch when it is added, before the caller makes the next
+    one: a source that refills one buffer for every item is stored as it yielded each item."""
+
+    def __init__(self, dat, starts):
+        self.dat, self.offsets = dat, _OffsetsFile(starts)
         self.hash, self.blocks = xxhash.xxh3_128(_MAP_HEAD), _BlockDigests(BLOCK_BYTES)
-        self.ends = array("Q", [0])  # row offsets: 8 bytes an item, no Python object per item
         self.dtype, self.trail = None, None
-        self.batch, self.batch_bytes = [], 0
+        self.batch, self.lengths = bytearray(), []  # the batch's bytes, C order, and first dimensions
+        self.untyped_empties = 0  # empty lists met before any item fixed the dtype
 
     def add(self, index: int, item) -> None:
-        arr = np.asarray(item)
+        arr = _as_array(index, item)
         if self.dtype is None:
-            _check_layout(arr.dtype, f"item {index}")
-            if arr.ndim == 0:
-                raise _bad_item(index, arr, arr.dtype, ())
-            self.dtype, self.trail = arr.dtype, arr.shape[1:]
-        elif arr.ndim == 0 or arr.dtype != self.dtype or arr.shape[1:] != self.trail:
-            raise _bad_item(index, arr, self.dtype, self.trail)
-        self.batch.append(arr)
-        self.batch_bytes += arr.nbytes
-        if self.batch_bytes >= BATCH_BYTES:
+            if _is_untyped_empty(item, arr) and arr.shape == (0,):
+                self.untyped_empties += 1
+                return
+            self._fix_layout(index, arr)
+        elif arr.dtype != self.dtype or arr.ndim == 0 or arr.shape[1:] != self.trail:
+            if not _is_untyped_empty(item, arr):
+                raise _bad_item(index, arr, self.dtype, self.trail)
+            arr = np.empty((0, *self.trail) if arr.shape == (0,) else arr.shape, self.dtype)
+            if arr.shape[1:] != self.trail:
+                raise _bad_item(index, arr, self.dtype, self.trail)
+        self._append(arr)
+
+    def _fix_layout(self, index: int, arr: np.ndarray) -> None:
+        _check_layout(arr.dtype, f"item {index}")
+        if arr.ndim == 0:
+            raise _bad_item(index, arr, arr.dtype, ())
+        self.dtype, self.trail = arr.dtype, arr.shape[1:]
+        for _ in range(self.untyped_empties):
+            self._append(np.empty((0, *self.trail), self.dtype))
+
+    def _append(self, arr: np.ndarray) -> None:
+        if arr.nbytes >= BATCH_BYTES:  # a batch of its own, written before the caller goes on
+            self.flush()
+            self._write(np.ascontiguousarray(arr), [len(arr)])
+            return
+        self.batch += arr.tobytes()  # C order, whatever the layout; cheaper than numpy's copyto for small items
+        self.lengths.append(len(arr))
+        if len(self.batch) >= BATCH_BYTES or len(self.lengths) == BATCH_ITEMS:
             self.flush()
 
     def flush(self) -> None:
-        if not self.batch:
-            return
-        lengths = np.fromiter((len(a) for a in self.batch), np.uint64, len(self.batch))
-        if len(self.batch) == 1:  # one item alone needs no copy if contiguous
-            rows = np.ascontiguousarray(self.batch[0])
-        else:  # into the map's own dtype: concatenate alone would turn >i4 into native <i4
-            rows = np.empty((int(lengths.sum()), *self.trail), self.dtype)
-            np.concatenate(self.batch, out=rows)
+        if self.lengths:
+            shape = (sum(self.lengths), *self.trail)
+            rows = np.frombuffer(self.batch, self.dtype).reshape(shape) if self.batch else np.empty(shape, self.dtype)
+            self._write(rows, self.lengths)
+        self.batch, self.lengths = bytearray(), []
+
+    def _write(self, rows: np.ndarray, lengths: list) -> None:
+        lengths = np.asarray(lengths, np.int64)
         data = _as_bytes(rows)
-        self.handle.write(data)
+        self.dat.write(data)
         self.blocks.update(data)
         _update_hash_with_items(self.hash, rows, lengths)
-        self.ends.frombytes((np.cumsum(lengths) + self.ends[-1]).tobytes())
-        self.batch, self.batch_bytes = [], 0
+        self.offsets.append(np.cumsum(lengths) + self.offsets.end)
 
-    def finish(self, meta: dict) -> tuple[np.ndarray, dict]:
+    def finish(self, meta: dict) -> dict:
+        if self.dtype is None and self.untyped_empties:  # only empty lists: numpy's float64, like np.asarray([])
+            self._fix_layout(0, np.asarray([]))
         self.flush()
+        self.offsets.finish()
         self.hash.update(_MAP_TAIL)
-        starts = np.frombuffer(self.ends, np.uint64)
         dtype, trail = (self.dtype, self.trail) if self.dtype is not None else _EMPTY_LAYOUT
-        return starts, _header_dict(dtype, trail, starts, self.hash.hexdigest(), self.blocks, meta)
+        return _header_dict(dtype, trail, self.offsets, self.hash.hexdigest(), self.blocks, meta)
 
 
-def _checked_meta(meta: dict | None) -> dict:
+def _checked_meta(meta: dict | None, function: str) -> dict:
     if meta is None:
         return {}
     if not isinstance(meta, dict):
-        raise TypeError(f"build_map: meta must be a dict, not {type(meta).__name__}")
+        raise TypeError(f"{function}: meta must be a dict, not {type(meta).__name__}")
     try:
-        return json.loads(json.dumps(meta, allow_nan=False))
+        text = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"build_map: meta must be JSON-serialisable ({e})") from None
+        raise type(e)(f"{function}: meta must be JSON-serialisable ({e})") from None
+    if len(text) > MAX_META_BYTES:
+        raise ValueError(f"{function}: meta takes {len(text)} bytes of JSON, more than a map's json "
+                         f"keeps for it ({MAX_META_BYTES}); store large things in a file beside the map")
+    return json.loads(text)
 
 
 def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True,
               meta: dict | None = None) -> dict:
-    """Stream ``items`` (arrays or array-likes) to the map at ``path``; return the json written.
+    """Stream ``items`` (arrays, array-likes, CPU torch tensors) to the map at ``path``; return the json written.
 
     Item 0 fixes the dtype and the trailing shape ``shape[1:]``; the first dimension is ragged and
-    may be 0. Items are stored in C order and never cast. ``meta`` is a JSON-serialisable dict of
-    your own, stored under ``"meta"``. The folder is created if missing.
+    may be 0. Items are stored in C order and never cast, each as it was when the iterable yielded
+    it (a source may refill one buffer for every item). An empty list is a 0-length item of the
+    map's dtype. ``meta`` is a JSON-serialisable dict of your own, stored under ``"meta"``. The
+    folder is created if missing.
 
     Raises ValueError (naming the item) for a 0-d item or one whose dtype or trailing shape differs,
-    TypeError for object dtypes. On any failure, Ctrl-C included, no file is left behind and a map
-    already at ``path`` is untouched; on success the three files replace it at once.
-    Memory: one batch of items (``BATCH_BYTES``) plus 8 bytes an item.
+    or a dtype a json cannot record; TypeError for object dtypes. On any failure, Ctrl-C included, no
+    file is left behind and a map already at ``path`` is untouched; on success the three files
+    replace it at once. Memory: one batch (``BATCH_BYTES``, ``BATCH_ITEMS``), whatever the count.
     """
     files = map_files(path)
-    meta = _checked_meta(meta)
+    meta = _checked_meta(meta, "build_map")
     files.dat.parent.mkdir(parents=True, exist_ok=True)
     with _staged(files) as temps:
-        with _new_file(temps.dat) as handle:
-            writer = _ItemWriter(handle)
+        with _new_file(temps.dat) as dat, _new_file(temps.starts) as starts:
+            writer = _ItemWriter(dat, starts)
             for index, item in enumerate(tqdm(items, desc=f"build {files.dat.name}", unit=" items",
                                               disable=not progress)):
                 writer.add(index, item)
-            starts, header = writer.finish(meta)
-        _write_map_files(temps, starts, header)
+            header = writer.finish(meta)
+        _write_json(temps.json, header)
     return header
 
 
-def _shared_layout(shards: list[OpenedMap]) -> tuple[np.dtype, tuple]:
+class _Shard(NamedTuple):
+    files: MapFiles
+    header: Header
+    identity: tuple
+
+
+def _checked_shard(path) -> _Shard:
+    """What a shard's files say, checked; its files are closed again, so a merge of thousands of
+    shards holds one open at a time."""
+    opened = _open_map(path)
+    return _Shard(opened.files, opened.header, opened.identity)
+
+
+def _shared_layout(shards: list[_Shard]) -> tuple[np.dtype, tuple]:
     """The dtype and trailing shape every shard with items agrees on; empty shards do not count."""
     with_items = [(k, s) for k, s in enumerate(shards) if s.header.count]
     if not with_items:
@@ -579,15 +782,6 @@ def _shared_layout(shards: list[OpenedMap]) -> tuple[np.dtype, tuple]:
                              f"trailing shape {shard.header.trail_dim}, but shard {first_k} ({first.files.dat}) "
                              f"holds {first.header.dtype.str} of {first.header.trail_dim}")
     return first.header.dtype, first.header.trail_dim
-
-
-def _concatenated_starts(shards: list[OpenedMap]) -> np.ndarray:
-    starts = np.zeros(1 + sum(s.header.count for s in shards), np.uint64)
-    item, row = 0, 0
-    for shard in shards:  # each shard's offsets, shifted by the rows before it
-        np.add(shard.starts[1:], np.uint64(row), out=starts[item + 1:item + 1 + shard.header.count])
-        item, row = item + shard.header.count, row + shard.header.total_rows
-    return starts
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -617,6 +811,17 @@ def _copy_into(source: OpenedMap, target, bar: tqdm) -> None:
             bar.update(moved)
 
 
+def _append_shard(shard: _Shard, dat, offsets: _OffsetsFile, bar: tqdm) -> None:
+    """Append a shard's offsets (checked, shifted by the rows before it) and its data."""
+    opened = _open_map(shard.files.dat)
+    if opened.identity != shard.identity:
+        raise ValueError(f"{shard.files.dat}: changed while merging; nothing was written")
+    rows_before = offsets.end
+    for _, _, run in _checked_runs(opened.starts, opened.files.starts):
+        offsets.append(run[1:] + rows_before)
+    _copy_into(opened, dat, bar)
+
+
 def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True) -> dict:
     """Concatenate the maps at ``paths``, in order, into a new map at ``out``; return the json written.
 
@@ -629,56 +834,63 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
     is inconsistent (FileNotFoundError if missing); nothing is written then. The bytes are copied
     by the kernel where possible and the hash is computed from what was written. Each shard's files
     are checked for consistency, not re-hashed: run verify_hash on a shard you do not trust.
-    Same crash safety as build_map. Memory: 8 bytes an item, whatever the data's size.
+    Same crash safety as build_map. Memory: bounded, whatever the count; one shard open at a time.
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise TypeError(f"merge_maps: paths must be a list of maps, not the single path {paths!r}")
     target = map_files(out)
-    shards = [_open_map(path) for path in paths]
+    shards = [_checked_shard(path) for path in paths]
     for k, shard in enumerate(shards):
         if _same_file(shard.files.dat, target.dat) or _same_file(shard.files.json, target.json):
             raise ValueError(f"merge_maps: out ({target.dat}) is shard {k}; merge into a new path")
     dtype, trail = _shared_layout(shards)
-    starts = _concatenated_starts(shards)
     metas = [s.header.meta for s in shards]
     meta = metas[0] if metas and all(m == metas[0] for m in metas) else {}
-    merged = Header(dtype, trail, len(starts) - 1, int(starts[-1]), "", meta)
-    total_bytes = sum(s.data.nbytes for s in shards)
+    merged = Header(dtype, trail, sum(s.header.count for s in shards), sum(s.header.total_rows for s in shards),
+                    "", meta)
+    total_bytes = merged.total_rows * merged.row_bytes
     target.dat.parent.mkdir(parents=True, exist_ok=True)
     with _staged(target) as temps, tqdm(total=2 * total_bytes, desc=f"merge {target.dat.name}", unit="B",
                                         unit_scale=True, disable=not progress) as bar:
-        with _new_file(temps.dat) as handle:
+        with _new_file(temps.dat) as dat, _new_file(temps.starts) as starts:
+            offsets = _OffsetsFile(starts)
             for shard in shards:
-                _copy_into(shard, handle, bar)
-        with open(temps.dat, "rb") as handle:  # hash what landed in the file, not what we meant to write
-            written = _map_rows(handle, temps, merged)
+                _append_shard(shard, dat, offsets, bar)
+            offsets.finish()
+        # hash what landed in the files, not what we meant to write
+        with open(temps.starts, "rb") as starts, open(temps.dat, "rb") as dat:
+            written_starts, written = _map_starts(temps.starts, starts, merged), _map_rows(dat, temps, merged)
         blocks = _BlockDigests(BLOCK_BYTES)
-        digest = _compute_hash(starts, written, merged.row_bytes, bar, blocks)
-        header = _header_dict(dtype, trail, starts, digest, blocks, meta)
-        _write_map_files(temps, starts, header)
+        digest = _compute_hash(written_starts, written, merged.row_bytes, temps.starts, bar, blocks)
+        _write_json(temps.json, header := _header_dict(dtype, trail, offsets, digest, blocks, meta))
     return header
 
 
 # ---------------------------------------------------------------- reading
 
 def _batches(starts: np.ndarray, row_bytes: int, batch_bytes: int = BATCH_BYTES * 4):
-    """Split items into consecutive ranges (i, j) of about batch_bytes each (at least one item)."""
+    """Split items into consecutive ranges (i, j) of about batch_bytes each, at least one item and
+    at most BATCH_ITEMS. Offsets need not be checked yet: any values give ranges that cover all items."""
     rows_per_batch = max(1, batch_bytes // max(row_bytes, 1))
     count, i = len(starts) - 1, 0
     while i < count:
-        j = int(np.searchsorted(starts, starts[i] + np.uint64(rows_per_batch), side="right")) - 1
-        j = min(max(j, i + 1), count)
+        end_row = min(int(starts[i]) + rows_per_batch, 2**63 - 1)
+        j = i - 1 + int(np.searchsorted(starts[i:i + BATCH_ITEMS + 1], end_row, side="right"))
+        j = min(max(j, i + 1), count, i + BATCH_ITEMS)
         yield i, j
         i = j
 
 
-def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, bar: tqdm,
+def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, where: Path, bar: tqdm,
                   blocks: _BlockDigests | None = None) -> str:
-    """The content hash of the items data[starts[i]:starts[i+1]]; also feeds the data to blocks."""
+    """The content hash of the items data[starts[i]:starts[i+1]], checking every offset on the way
+    (ValueError naming ``where``); also feeds the data to blocks."""
     h = xxhash.xxh3_128(_MAP_HEAD)
     for i, j in _batches(starts, row_bytes):
-        a, b = int(starts[i]), int(starts[j])
-        _update_hash_with_items(h, data[a:b], np.diff(starts[i:j + 1]))
+        offsets = starts[i:j + 1]
+        _check_offsets(offsets, i, 0, len(data), where)
+        a, b = int(offsets[0]), int(offsets[-1])
+        _update_hash_with_items(h, data[a:b], np.diff(offsets))
         if blocks is not None:
             blocks.update(_as_bytes(data[a:b]))
         bar.update((b - a) * row_bytes)
@@ -687,7 +899,7 @@ def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, bar: tqd
 
 
 def _damaged_items(starts: np.ndarray, row_bytes: int, blocks: list[int], block_bytes: int) -> str:
-    """'items 3-7, 120' for the items with bytes in the given blocks."""
+    """'items 3-7, 120' for the items with bytes in the given blocks (the offsets checked already)."""
     ranges = []
     for block in blocks:
         first_row = block * block_bytes // row_bytes
@@ -707,13 +919,14 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     Raises ValueError on a mismatch, naming both hashes and, for maps with block digests (all
     but picomap 0.1's), the damaged items, or saying that the offsets or the json disagree when
     every block of the ``.dat`` is intact. Raises ValueError or FileNotFoundError if the files are
-    inconsistent or missing. Cost: reads every byte of the map once.
+    inconsistent or missing, offsets that decrease anywhere included. Cost: reads every byte of
+    the map once; memory: one batch, whatever the count.
     It detects accidental damage; it is not a signature against deliberate tampering.
     """
     files, header, starts, data, _ = _open_map(path)
     with tqdm(total=data.nbytes, desc=f"verify {files.dat.name}", unit="B", unit_scale=True,
               disable=not progress) as bar:
-        computed = _compute_hash(starts, data, header.row_bytes, bar)
+        computed = _compute_hash(starts, data, header.row_bytes, files.starts, bar)
     if computed == header.hash:
         return True
     message = f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to {computed}"
@@ -741,9 +954,18 @@ class MapLoader:
     bytes are touched); ``load(i, copy=True)`` a private writable copy. Indices follow Python:
     negative ones count from the end, numpy integers work, out of range raises IndexError, a float
     or str raises TypeError. Cost: O(1), about as much as slicing an ndarray.
+
+    Opening reads no offsets: the loader maps them, so every process that opens a map shares one
+    copy of them, and checks them 16,384 items at a time, the first time one of those items is
+    loaded. An item whose offsets are damaged raises ValueError naming the file and the item; no
+    item is ever served that lies outside the data or overlaps another.
+
+    ``close()`` (or a ``with`` block) lets go of the files: later calls raise ValueError, and the
+    mappings are released once no view from them is alive.
     """
     # Slots make load(i)'s attribute reads measurably cheaper; a __getattr__ here would undo that.
-    __slots__ = ("_files", "_header", "_count", "_begins", "_ends", "_lengths", "starts", "data")
+    __slots__ = ("_files", "_header", "_count", "_starts", "_data", "_begins", "_ends", "_chunks", "_ready",
+                 "_checked", "_lock", "_lengths")
 
     def __init__(self, path: str | os.PathLike):
         self._open(path, expected_hash=None)
@@ -753,22 +975,58 @@ class MapLoader:
         if expected_hash is not None and header.hash != expected_hash:
             raise ValueError(f"{files.json}: the map was replaced since this loader was pickled "
                              f"(hash {header.hash}, expected {expected_hash})")
-        self._files, self._header, self.data = files, header, data
-        starts.flags.writeable = False
-        self.starts, self._count, self._lengths = starts, header.count, None
+        self._files, self._header, self._count, self._starts, self._data = files, header, header.count, starts, data
         # memoryviews index to Python ints fast and allocate nothing per item
         self._begins, self._ends = memoryview(starts)[:-1], memoryview(starts)[1:]
+        # A flag a chunk, set once its offsets are checked, then as many again never set: twice, a
+        # list for load(i) (CPython indexes lists fastest) and bytes to search for the nearest set.
+        self._chunks = -(-header.count >> CHECK_SHIFT)
+        self._ready, self._checked = [False] * (2 * self._chunks + 1), bytearray(2 * self._chunks + 1)
+        self._lock, self._lengths = threading.Lock(), None
 
     def __call__(self, i, copy: bool = False) -> np.ndarray:
         try:
-            item = self.data[self._begins[i]:self._ends[i]]
+            if self._ready[i >> CHECK_SHIFT]:
+                item = self._data[self._begins[i]:self._ends[i]]
+            else:
+                item = self._load_checking(i)
         except (IndexError, TypeError):
             raise self._index_error(i) from None
         if copy:
             return item.copy()
         return item
 
+    def _load_checking(self, i: int) -> np.ndarray:
+        """load(i) the first time an item of its chunk is loaded, and for every negative i: the flags
+        past the chunks' own are never set, so that i >> CHECK_SHIFT never finds another chunk's."""
+        if i < 0:
+            if i < -self._count:
+                raise IndexError
+            i += self._count
+        if i >= self._count:
+            raise IndexError
+        if not self._checked[i >> CHECK_SHIFT]:
+            self._check_chunk(i)
+        return self._data[self._begins[i]:self._ends[i]]
+
+    def _check_chunk(self, i: int) -> None:
+        """Check the offsets of item i's chunk, and that they fit between the nearest checked chunks
+        on either side: so all items served, before and after, keep to the data and to themselves."""
+        with self._lock:
+            checked, chunk = self._checked, i >> CHECK_SHIFT
+            first, end = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, self._count)
+            left, right = checked.rfind(1, 0, chunk), checked.find(1, chunk + 1, self._chunks)
+            low = int(self._starts[(left + 1) << CHECK_SHIFT]) if left >= 0 else 0
+            high = int(self._starts[right << CHECK_SHIFT]) if right >= 0 else self._header.total_rows
+            try:
+                _check_offsets(self._starts[first:end + 1], first, low, high, self._files.starts)
+            except ValueError as e:
+                raise ValueError(f"{e}: item {i} is not served; verify_hash tells more") from None
+            checked[chunk], self._ready[chunk] = 1, True
+
     def _index_error(self, i) -> Exception:
+        if self._data is None:
+            return ValueError(f"{self.path}: the loader is closed")
         try:
             operator.index(i)
         except TypeError:
@@ -787,6 +1045,25 @@ class MapLoader:
     def __getitems__(self, indices) -> list:
         """Many items at once: PyTorch's DataLoader fetches a whole batch with one call."""
         return [self(i) for i in indices]
+
+    def close(self) -> None:
+        """Let go of the map's files: calls after this raise ValueError. Views already handed out
+        stay valid; the mappings are released when the last of them is gone."""
+        self._data = self._starts = self._lengths = None
+        self._begins = self._ends = memoryview(b"")
+        self._ready, self._checked = [], bytearray()
+
+    def __enter__(self) -> MapLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open_array(self, name: str):
+        array = getattr(self, name)
+        if array is None:
+            raise ValueError(f"{self.path}: the loader is closed")
+        return array
 
     @property
     def path(self) -> Path:
@@ -810,17 +1087,34 @@ class MapLoader:
         return self._header.meta
 
     @property
+    def data(self) -> np.ndarray:
+        """The whole ``.dat`` as one read-only mapped array of shape ``(total_rows, *trail_dim)``."""
+        return self._open_array("_data")
+
+    @property
+    def starts(self) -> np.ndarray:
+        """The ``count + 1`` row offsets as a read-only int64 array, mapped from the file as they are
+        (``load(i)`` checks those it uses, ``verify_hash`` all). No copy, no cost."""
+        return self._open_array("_starts")
+
+    @property
     def lengths(self) -> np.ndarray:
-        """Each item's first dimension as int64, read-only (computed on first use: O(N))."""
+        """Each item's first dimension as int64, read-only. Computed on first use, checking every
+        offset: O(N) time and 8 bytes an item of private memory in each process that asks."""
         if self._lengths is None:
-            lengths = np.diff(self.starts).astype(np.int64)  # int64, so lengths - 1 cannot wrap
+            starts = self._open_array("_starts")
+            for _ in _checked_runs(starts, self._files.starts):
+                pass
+            self._checked[:self._chunks], self._ready[:self._chunks] = b"\1" * self._chunks, [True] * self._chunks
+            lengths = np.diff(starts)
             lengths.flags.writeable = False
             self._lengths = lengths
         return self._lengths
 
     def __getstate__(self) -> dict:
-        # the path and identity only: a receiver maps the files itself, whatever the map's size
-        return {"dat": os.fspath(self._files.dat), "hash": self.hash}
+        # the absolute path and identity only: a receiver maps the files itself, whatever the map's
+        # size, from whatever folder it runs in
+        return {"dat": os.path.abspath(self._files.dat), "hash": self.hash}
 
     def __setstate__(self, state: dict) -> None:
         self._open(state["dat"], expected_hash=state["hash"])
@@ -833,9 +1127,9 @@ class MapLoader:
 def get_loader_fn(path: str | os.PathLike) -> tuple[MapLoader, int]:
     """Open the map at ``path`` once and return ``(load, N)``; see MapLoader for ``load``.
 
-    Checks the three files against each other and raises ValueError (inconsistent or corrupt,
-    naming the file and the problem) or FileNotFoundError. Cost: reads the json and the offsets
-    (8 bytes an item), maps the ``.dat``; no per-item Python objects.
+    Checks the json, the offsets' header and both ends, and the files' sizes, and raises
+    ValueError (inconsistent or corrupt, naming the file and the problem) or FileNotFoundError.
+    Cost: O(1) time and memory whatever the item count; the offsets and data are mapped, not read.
     """
     load = MapLoader(path)
     return load, len(load)
@@ -871,17 +1165,27 @@ def _demo(folder: str | None) -> None:
         if not all(np.array_equal(load(i), items[i]) for i in range(n)):
             raise ValueError(f"{path}: the demo map does not read back as written")
         print("checked every item reads back equal to what was written")
+        load.close()
+
+
+def _length_stats(starts: np.ndarray, where: Path) -> str:
+    """'min / mean / max' of the item lengths, in bounded runs: no array of N lengths."""
+    low, high, total = None, 0, 0
+    for i, j, offsets in _checked_runs(starts, where):
+        lengths = np.diff(offsets)
+        low = int(lengths.min()) if low is None else min(low, int(lengths.min()))
+        high, total = max(high, int(lengths.max())), total + int(offsets[-1] - offsets[0])
+    return "-" if low is None else f"{low} / {total / (len(starts) - 1):.4g} / {high}"
 
 
 def _info(path: str) -> None:
-    load, n = get_loader_fn(path)
-    lengths = load.lengths
-    stats = f"{lengths.min()} / {np.median(lengths):g} / {lengths.max()}" if n else "-"
-    for label, value in [("path", load.path), ("items", f"{n:,}"), ("dtype", load.dtype),
-                         ("trailing shape", load.trail_dim), ("rows", f"{len(load.data):,}"),
-                         ("bytes", f"{load.data.nbytes:,}"), ("item length min/median/max", stats),
-                         ("hash", load.hash), ("meta", json.dumps(load.meta))]:
-        print(f"{label:>27}: {value}")
+    with MapLoader(path) as load:
+        stats = _length_stats(load.starts, load._files.starts)
+        for label, value in [("path", load.path), ("items", f"{len(load):,}"), ("dtype", load.dtype),
+                             ("trailing shape", load.trail_dim), ("rows", f"{len(load.data):,}"),
+                             ("bytes", f"{load.data.nbytes:,}"), ("item length min/mean/max", stats),
+                             ("hash", load.hash), ("meta", json.dumps(load.meta))]:
+            print(f"{label:>25}: {value}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,13 +11,21 @@ LEGACY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "legacy-0
 LEGACY_NAMES = ["ragged_f32", "tokens_u16", "flags_bool"]
 
 
+def oracle_tag(dtype) -> bytes:
+    """A frame's dtype tag from the spec: v1 where dtype.str names the dtype, else v2 with its json text."""
+    if np.dtype(dtype.str) == dtype:
+        return b"A|v1|" + dtype.str.encode("ascii")
+    text = json.dumps(dtype.descr if dtype.names is not None else str(dtype)).encode()
+    return b"A|v2|" + len(text).to_bytes(8, "little") + text
+
+
 def oracle_hash(items) -> str:
     """The content hash written straight from the spec, sharing no code with picomap."""
     h = xxhash.xxh3_128()
     h.update(b"D|v1|")
     for item in items:
         a = np.asarray(item)
-        h.update(b"A|v1|" + a.dtype.str.encode("ascii"))
+        h.update(oracle_tag(a.dtype))
         h.update(np.array([a.ndim, *a.shape], dtype="<i8").tobytes())
         h.update(a.tobytes(order="C"))
     h.update(b"D|end|")

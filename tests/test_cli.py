@@ -42,7 +42,7 @@ def test_info_describes_the_map(in_tmp):
     assert result.returncode == 0, result.stderr
     fields = dict(line.strip().split(": ", 1) for line in result.stdout.splitlines())
     assert fields["items"] == "3" and fields["dtype"] == "float32" and fields["trailing shape"] == "(2,)"
-    assert fields["rows"] == "13" and fields["bytes"] == "104" and fields["item length min/median/max"] == "1 / 3 / 9"
+    assert fields["rows"] == "13" and fields["bytes"] == "104" and fields["item length min/mean/max"] == "1 / 4.333 / 9"
     assert fields["hash"] == pm.get_loader_fn("toy")[0].hash and fields["meta"] == '{"who": "me"}'
 
 

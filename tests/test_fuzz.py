@@ -1,5 +1,5 @@
 """Fuzzing: random byte changes to each file of a valid map. The loader refuses with a clear error or
-serves exactly what the files say; verify_hash catches every change to the data."""
+serves exactly what the files say, item by item; verify_hash catches every change to the data."""
 import io
 import json
 import math
@@ -42,14 +42,17 @@ def damaged(data: bytes, changes, size_change) -> bytes:
     return bytes(data)
 
 
-def what_the_files_say(files: dict) -> list[tuple[tuple, bytes]]:
-    """Each item's shape and bytes, read with json and numpy alone."""
+def what_the_files_say(files: dict) -> list[tuple[tuple, bytes] | None]:
+    """Each item's shape and bytes, read with json and numpy alone; None for an item whose offsets
+    are not in order within the data."""
     header = json.loads(files[".json"])
     dtype = np.lib.format.descr_to_dtype(header["dtype"])
     trail = tuple(header["trail_dim"])
     starts = np.load(io.BytesIO(files[".starts.npy"]), allow_pickle=False).astype(np.int64)
+    in_order = bool(np.all(starts[1:] >= starts[:-1]))  # then every item is within 0..total_rows
     row = dtype.itemsize * math.prod(trail)
-    return [((int(b - a), *trail), files[".dat"][a * row:b * row]) for a, b in zip(starts[:-1], starts[1:])]
+    return [((int(b - a), *trail), files[".dat"][a * row:b * row]) if in_order else None
+            for a, b in zip(starts[:-1], starts[1:])]
 
 
 def write(folder: Path, files: dict) -> Path:
@@ -70,12 +73,16 @@ def test_mutated_maps_are_refused_or_served_as_they_are(tmp_path, pristine, whic
         return
     said = what_the_files_say(files)
     assert n == len(said)
-    for i, (shape, data) in enumerate(said):
-        assert load(i).shape == shape and load(i).tobytes() == data
+    for i, item in enumerate(said):
+        if item is None:  # the pristine map has one chunk of offsets: each of its items is refused
+            with pytest.raises(ValueError, match=f"m.starts.npy: .*: item {i} is not served"):
+                load(i)
+        else:
+            assert load(i).shape == item[0] and load(i).tobytes() == item[1]
     try:
         pm.verify_hash(base, progress=False)
-    except ValueError as e:
-        assert "hash mismatch" in str(e)
+    except ValueError as e:  # a hash that differs, or offsets out of order
+        assert "hash mismatch" in str(e) or (None in said and "m.starts.npy: offsets decrease" in str(e))
 
 
 @FUZZ
