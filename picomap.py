@@ -119,7 +119,7 @@ def map_files(path: str | os.PathLike) -> MapFiles:
         if base.endswith(suffix):
             base = base[:-len(suffix)]
             break
-    if Path(base).name in ("", ".", "..") or base.endswith(("/", os.sep)):
+    if os.path.basename(base) in ("", ".", ".."):
         raise ValueError(f"picomap: {os.fspath(path)!r} names a folder, not a map")
     return MapFiles(Path(base + ".dat"), Path(base + ".starts.npy"), Path(base + ".json"))
 
@@ -159,7 +159,7 @@ def _check_layout(dtype: np.dtype, where: str) -> None:
         same = False
     if not same:
         raise ValueError(f"{where}: dtype {dtype} cannot be recorded in a map's json (titled, overlapping or "
-                         "out-of-order fields, or none at all); use plain fields in order")
+                         "out-of-order fields); use plain fields in order")
 
 
 def _is_hex(text: str) -> bool:
@@ -321,11 +321,10 @@ def _open_file(path: Path):
                                 "NAME.dat, NAME.starts.npy and NAME.json)") from None
     except IsADirectoryError:  # where a folder cannot be opened at all
         raise ValueError(f"{path}: a folder, not a map file") from None
-    handle = os.fdopen(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
-        handle.close()
+        os.close(fd)
         raise ValueError(f"{path}: not a regular file (a folder, FIFO or device); a map is three regular files")
-    return handle
+    return os.fdopen(fd, "rb")
 
 
 def _map_rows(handle, files: MapFiles, header: Header) -> np.ndarray:
@@ -501,8 +500,9 @@ def _as_bytes(arr: np.ndarray) -> np.ndarray:
 def _dtype_tag(dtype: np.dtype) -> bytes:
     """The start of every frame of this dtype: v1 (picomap 0.1's) where ``dtype.str`` names the dtype
     alone, else v2, which names it by its json text (structured dtypes, ml_dtypes types)."""
-    if np.dtype(dtype.str) == dtype:
-        return _ITEM_TAG + dtype.str.encode("ascii")
+    with contextlib.suppress(TypeError):  # ml_dtypes' float8_e5m2 says "<f1", which numpy cannot parse
+        if np.dtype(dtype.str) == dtype:
+            return _ITEM_TAG + dtype.str.encode("ascii")
     text = json.dumps(_dtype_to_json(dtype)).encode()
     return _ITEM_TAG_V2 + struct.pack("<q", len(text)) + text
 

@@ -252,3 +252,150 @@ def test_a_new_build_replaces_the_old_map_whole(old_map, in_tmp):
     assert listing(in_tmp) == MAP_FILES
     assert_same_items(read_back("toy"), new)
     assert read_json("toy")["hash"] == oracle_hash(new)
+
+
+# ---------------------------------------------------------------- every item as it was yielded, whatever the source
+
+def refilled_buffer(lengths, dtype=np.int32, size=1024):
+    """A chunked reader's pattern: one buffer refilled for every item, each item a view of it."""
+    buf = np.empty(size, dtype)
+    for k, n in enumerate(lengths):
+        buf[:n] = k
+        yield buf[:n]
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 64, 1 << 20])
+def test_a_refilled_buffer_is_stored_as_each_item_was_yielded(in_tmp, monkeypatch, batch_bytes):
+    monkeypatch.setattr(pm, "BATCH_BYTES", batch_bytes)
+    lengths = [3, 5, 2, 0, 7, 300]
+    header = pm.build_map(refilled_buffer(lengths), "toy", progress=False)
+    want = [np.full(n, k, np.int32) for k, n in enumerate(lengths)]
+    assert_same_items(read_back("toy"), want)
+    assert header["hash"] == oracle_hash(want)
+
+
+def test_items_larger_than_a_batch_are_written_before_the_next_is_made(in_tmp, monkeypatch):
+    monkeypatch.setattr(pm, "BATCH_BYTES", 16)
+    pm.build_map(refilled_buffer([100, 3, 100], size=100), "toy", progress=False)
+    assert_same_items(read_back("toy"), [np.full(n, k, np.int32) for k, n in enumerate([100, 3, 100])])
+
+
+def test_an_empty_list_is_an_empty_item_of_the_maps_dtype(in_tmp):
+    pm.build_map([[1, 2], [], np.zeros((0,), np.int64)], "toy", progress=False)
+    pm.build_map([[], [], [[1, 2]], []], "lead", progress=False)  # before any item fixes the dtype
+    pm.build_map([[], ()], "only", progress=False)
+    assert_same_items(read_back("toy"), [np.array([1, 2]), np.zeros(0, np.int64), np.zeros(0, np.int64)])
+    assert_same_items(read_back("lead"), [np.zeros((0, 2), np.int64)] * 2 + [np.array([[1, 2]]),
+                                          np.zeros((0, 2), np.int64)])
+    assert_same_items(read_back("only"), [np.zeros(0)] * 2)
+    for name in ("toy", "lead", "only"):
+        assert pm.verify_hash(name, progress=False)
+
+
+def test_an_empty_array_still_has_its_own_dtype(in_tmp):
+    with pytest.raises(ValueError, match="item 1: dtype <f8 but the map is <i8"):
+        pm.build_map([np.array([1, 2]), np.zeros(0)], "toy", progress=False)
+
+
+def test_every_item_error_names_the_item(in_tmp):
+    with pytest.raises(ValueError, match="item 2: not an array"):
+        pm.build_map([[1], [2], [[1], [2, 3]]], "toy", progress=False)
+    with pytest.raises(TypeError, match="item 3: dtype object holds Python objects"):
+        pm.build_map([[1], [2], [3], np.array([None])], "toy", progress=False)
+    assert listing(in_tmp) == []
+
+
+@pytest.mark.parametrize("dtype, words", [
+    (np.dtype([(("title", "a"), "<i4")]), "titled"),
+    (np.dtype({"names": ["a", "b"], "formats": ["<i4", "<i4"], "offsets": [4, 0]}), "out-of-order"),
+    (np.dtype({"names": ["a", "b"], "formats": ["<i4", "<i2"], "offsets": [0, 0]}), "overlapping"),
+])
+def test_dtypes_a_json_cannot_record_are_refused_at_item_0(in_tmp, dtype, words):
+    consumed = []
+
+    def items():
+        for k in range(5):
+            consumed.append(k)
+            yield np.zeros(2, dtype)
+    with pytest.raises(ValueError, match=f"item 0: dtype .* cannot be recorded in a map's json .*{words}"):
+        pm.build_map(items(), "toy", progress=False)
+    assert consumed == [0] and listing(in_tmp) == []
+
+
+def test_structured_and_padded_dtypes_round_trip(in_tmp):
+    for k, dtype in enumerate([np.dtype([("label", "<i4"), ("score", "<f4")]),
+                               np.dtype([("a", "u1"), ("b", "<i4")], align=True),
+                               np.dtype([("a", [("x", "<i2"), ("y", "u1")]), ("b", ">f8", (2,))]),
+                               np.dtype([])]):  # no fields, no bytes: still a dtype the json records
+        items = [np.frombuffer(np.random.default_rng(k).bytes(dtype.itemsize * n), dtype) if dtype.itemsize
+                 else np.zeros(n, dtype) for n in (3, 0, 2)]
+        pm.build_map(items, f"m{k}", progress=False)
+        load, _ = pm.get_loader_fn(f"m{k}")
+        assert load.dtype == dtype
+        assert_same_items(list(load), items)
+        assert pm.verify_hash(f"m{k}", progress=False)
+
+
+def test_a_meta_too_large_for_the_json_is_refused_before_writing(in_tmp, monkeypatch):
+    monkeypatch.setattr(pm, "MAX_META_BYTES", 1000)
+    consumed = []
+
+    def items():
+        consumed.append(1)
+        yield np.zeros(1)
+    with pytest.raises(ValueError, match="build_map: meta takes 1[0-9]{3} bytes of JSON, more than"):
+        pm.build_map(items(), "toy", progress=False, meta={"tokenizer": "x" * 1000})
+    assert consumed == [] and listing(in_tmp) == []
+    assert pm.MAX_META_BYTES < pm.MAX_JSON_BYTES  # what is accepted, the loader opens
+
+
+# ---------------------------------------------------------------- torch tensors, ml_dtypes
+
+def test_torch_tensors_of_every_storable_dtype(in_tmp):
+    torch = pytest.importorskip("torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    for name in ("float32", "float64", "float16", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+                 "int64", "uint64", "bool", "complex64", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+                 "float8_e4m3fnuz", "float8_e5m2fnuz"):
+        dtype = getattr(torch, name)
+        source = torch.arange(-4, 8, dtype=torch.float32).reshape(6, 2)
+        items = [source[:n].to(dtype) for n in (6, 0, 3)]
+        items[0].requires_grad_(dtype.is_floating_point or dtype.is_complex)
+        pm.build_map(items, name, progress=False)
+        load, n = pm.get_loader_fn(name)
+        numpy_name = {"bool": "bool_"}.get(name, name)
+        want_dtype = np.dtype(getattr(np, numpy_name, None) or getattr(ml_dtypes, name))
+        assert n == 3 and load.dtype == want_dtype
+        for got, tensor in zip(load, items):  # the same bytes as torch holds
+            assert got.shape == tuple(tensor.shape)
+            assert got.tobytes() == tensor.detach().view(torch.uint8).numpy().tobytes()
+        assert pm.verify_hash(name, progress=False)
+
+
+def test_torch_dtypes_numpy_cannot_hold_are_refused_naming_the_item(in_tmp):
+    torch = pytest.importorskip("torch")
+    items = [torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float4_e2m1fn_x2)]
+    with pytest.raises(TypeError, match="item 1: torch.float4_e2m1fn_x2 has no numpy dtype"):
+        pm.build_map(items, "toy", progress=False)
+    assert listing(in_tmp) == []
+
+
+# ---------------------------------------------------------------- bounded memory, whatever the items
+
+def traced_peak(work) -> int:
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("make", [lambda k: np.zeros(0, np.int8), lambda k: np.full(1, k % 100, np.int8)])
+def test_build_memory_is_one_batch_whatever_the_count(in_tmp, make):
+    peaks = [traced_peak(lambda: pm.build_map((make(k) for k in range(n)), f"m{n}", progress=False))
+             for n in (100_000, 400_000)]
+    assert peaks[1] < 16 << 20  # one batch of 1 MiB or 65,536 items (before: 85 MB, 213 bytes an item)
+    assert peaks[1] < peaks[0] + (1 << 20)  # and not growing with the count
+    assert pm.get_loader_fn("m400000")[1] == 400_000 and pm.verify_hash("m400000", progress=False)

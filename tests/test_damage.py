@@ -75,7 +75,6 @@ def test_moved_boundaries_blame_the_offsets_not_the_data(in_tmp, small_blocks):
         pm.verify_hash("toy", progress=False)
 
 
-@pytest.mark.skipif(not LEGACY.is_dir(), reason="../shared/fixtures/legacy-0.1 is absent")
 def test_maps_without_block_digests_get_the_plain_message(in_tmp):
     for suffix in (".dat", ".starts.npy", ".json"):
         shutil.copy(LEGACY / f"tokens_u16{suffix}", f"old{suffix}")

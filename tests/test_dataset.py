@@ -1,8 +1,12 @@
 """The loader as a dataset: pickling, multiprocessing, threads, and a real PyTorch DataLoader."""
 import functools
 import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +92,7 @@ def test_threads_read_concurrently(toy):
 
 # ---------------------------------------------------------------- PyTorch
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_dataloader_with_workers_yields_every_item(toy, method, shuffle):
     load, _ = pm.get_loader_fn("toy")
@@ -132,3 +136,53 @@ def test_concat_dataset_over_several_maps(in_tmp):
     both = ConcatDataset(loads)
     assert len(both) == 15
     assert [both[i].tolist() for i in range(15)] == [a.tolist() for items in parts for a in items]
+
+
+def test_a_pickle_opens_the_same_map_from_another_folder(toy, tmp_path):
+    blob = tmp_path / "loader.pickle"
+    blob.write_bytes(pickle.dumps(pm.get_loader_fn("toy")[0]))  # opened by a relative path
+    script = ("import os, pickle, sys\nos.chdir(sys.argv[2])\nload = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+              "print(len(load), int(load(3).astype('int64').sum()))")
+    result = subprocess.run([sys.executable, "-c", script, str(blob), "/"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(pm.__file__).parent)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(len(toy)), str(int(toy[3].astype(np.int64).sum()))]
+
+
+# ---------------------------------------------------------------- workers share the offsets
+
+def anonymous_bytes() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Anonymous line")
+
+
+class WorkerMemory:
+    """A dataset over a loader whose items are the worker's anonymous memory once it has loaded them."""
+
+    def __init__(self, load):
+        self.load = load
+
+    def __len__(self):
+        return len(self.load)
+
+    def __getitem__(self, i):
+        self.load(i)
+        return anonymous_bytes()
+
+
+def worker_memory(load, method) -> int:
+    picks = np.linspace(0, len(load) - 1, 200).astype(int).tolist()  # across the map: most chunks checked
+    loader = DataLoader(WorkerMemory(load), batch_size=None, sampler=picks, num_workers=2,
+                        multiprocessing_context=method)
+    return max(int(x) for x in loader)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_workers_started_afresh_share_the_offsets(in_tmp, method):
+    write_flat_map("big", 10_000_000)  # 80 MB of offsets
+    write_flat_map("small", 1_000)
+    big, small = (worker_memory(pm.get_loader_fn(name)[0], method) for name in ("big", "small"))
+    assert big - small < 4 << 20  # before: each worker read all 80 MB of offsets into its own memory

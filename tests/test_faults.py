@@ -230,3 +230,14 @@ def test_a_really_full_disk_leaves_the_old_map(tmp_path, job):
         assert pm.verify_hash(folder / "toy", progress=False)
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.skipif(pm.fcntl is None, reason="without flock, abandoned temporaries are never removed")
+@pytest.mark.parametrize("name, other", [("m[0]", "m0"), ("a*b", "aXb"), ("q?", "qq")])
+def test_names_with_glob_characters_clean_up_their_own_temporaries_only(in_tmp, name, other):
+    for base in (name, other):  # what a killed build of each would leave: nobody holds their flock
+        for suffix in (".dat", ".starts.npy"):
+            Path(f".{base}{suffix}.0123456789ab.tmp").write_bytes(b"x")
+    pm.build_map(tokens(3), name, progress=False)
+    assert listing(in_tmp) == sorted([f"{name}.dat", f"{name}.json", f"{name}.starts.npy",
+                                      f".{other}.dat.0123456789ab.tmp", f".{other}.starts.npy.0123456789ab.tmp"])

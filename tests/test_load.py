@@ -1,11 +1,15 @@
 """get_loader_fn: views and copies, Python's index rules, cheap opening, and clear errors for bad files."""
 import json
-import mmap
+import os
+import stat
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import picomap as pm
 from conftest import read_json, tokens, write_json
@@ -68,16 +72,36 @@ def test_sequence_protocol_and_attributes(toy):
     assert "4 items of float32" in repr(load)
 
 
-def test_load_makes_no_mapping_and_reads_no_file_per_call(toy, monkeypatch):
-    load, n = pm.get_loader_fn("toy")
+FILE_EVENTS = {"open", "mmap.__new__", "os.listdir", "os.scandir", "io.open"}
+_recording: list = []
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("load(i) touched the file system")
-    monkeypatch.setattr(mmap, "mmap", forbidden)
-    monkeypatch.setattr(pm, "open", forbidden, raising=False)
-    monkeypatch.setattr(np, "load", forbidden)
-    for i in range(n):
-        np.testing.assert_array_equal(load(i, copy=True), toy[i])
+
+def _audit(event, args):
+    if _recording and event in FILE_EVENTS:
+        _recording[0].append(event)
+
+
+sys.addaudithook(_audit)  # for the whole session: a hook cannot be removed, so it records only when asked
+
+
+def file_events(work) -> list[str]:
+    """The file-system audit events (opens, mappings) that happen while work() runs."""
+    events = []
+    _recording.append(events)
+    try:
+        work()
+    finally:
+        _recording.clear()
+    return events
+
+
+def test_load_makes_no_mapping_and_opens_no_file_per_call(toy):
+    box = {}
+    opening = file_events(lambda: box.update(load=pm.get_loader_fn("toy")[0]))
+    assert "open" in opening and "mmap.__new__" in opening  # the hook sees what picomap does
+    load = box["load"]
+    loading = file_events(lambda: [load(i, copy=copy) for i in (*range(len(toy)), -1) for copy in (False, True)])
+    assert loading == []
 
 
 def test_loader_keeps_serving_its_version_after_a_rebuild(toy):
@@ -229,3 +253,202 @@ def test_zero_byte_rows_with_absurd_dims_are_refused_naming_the_map(in_tmp):
 def test_a_folder_with_no_map(in_tmp):
     with pytest.raises(FileNotFoundError, match="nothing.json: missing"):
         pm.get_loader_fn("nothing")
+
+
+# ---------------------------------------------------------------- what a path may name
+
+@pytest.mark.parametrize("given", ["toy", "toy.dat", "toy.json", "toy.starts.npy", Path("toy.json")])
+def test_any_of_the_three_files_names_the_map(toy, given):
+    load, n = pm.get_loader_fn(given)
+    assert n == len(toy) and load.path == Path("toy")
+    assert pm.verify_hash(given, progress=False)
+
+
+@pytest.mark.parametrize("bad", [".", "..", "sub/..", "sub/.", "../"])
+def test_folders_are_not_maps(in_tmp, bad):
+    for call in (lambda: pm.build_map([[1]], bad, progress=False), lambda: pm.get_loader_fn(bad)):
+        with pytest.raises(ValueError, match="names a folder, not a map"):
+            call()
+    assert os.listdir(in_tmp) == []
+
+
+@pytest.mark.parametrize("suffix", [".dat", ".starts.npy", ".json"])
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
+def test_a_map_file_that_is_no_regular_file_is_refused_at_once(toy, suffix, kind):
+    target = Path(f"toy{suffix}")
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)  # opening it for reading would block until a writer came
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        target.symlink_to("/dev/zero")
+    for call in (pm.get_loader_fn, lambda p: pm.verify_hash(p, progress=False)):
+        with pytest.raises(ValueError, match=f"toy{suffix}: .*(not a regular file|a folder)"):
+            call("toy")
+
+
+# ---------------------------------------------------------------- ml_dtypes
+
+ML_SCRIPT = """
+import sys, numpy as np, picomap as pm
+{prelude}
+assert "ml_dtypes" not in sys.modules
+load, n = pm.get_loader_fn("bf")
+print(n, load.dtype, load(1).astype(np.float32).tolist(), "ml_dtypes" in sys.modules)
+"""
+
+
+def run_python(script, cwd):
+    env = {**os.environ, "PYTHONPATH": str(Path(pm.__file__).parent)}
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_fresh_process_opens_an_ml_dtypes_map_importing_ml_dtypes_itself(in_tmp):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    items = [np.array([1.5, -2.0], ml_dtypes.bfloat16), np.array([0.25, 3.0, 8.0], ml_dtypes.bfloat16)]
+    pm.build_map(items, "bf", progress=False)
+    result = run_python(ML_SCRIPT.format(prelude=""), in_tmp)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "bfloat16", "[0.25,", "3.0,", "8.0]", "True"]
+    cli = run_python("import sys, picomap; sys.exit(picomap.main(['verify', 'bf']))", in_tmp)
+    assert cli.returncode == 0 and "intact" in cli.stdout
+
+
+def test_without_ml_dtypes_the_error_says_how_to_get_it(in_tmp):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    pm.build_map([np.zeros(2, ml_dtypes.float8_e4m3fn)], "bf", progress=False)
+    blocked = 'sys.modules["ml_dtypes"] = None  # as if it were not installed'
+    result = run_python(ML_SCRIPT.format(prelude=blocked).replace('assert "ml_dtypes" not in sys.modules', ""),
+                        in_tmp)
+    assert result.returncode != 0
+    assert "bf.json: dtype float8_e4m3fn needs the ml_dtypes package: pip install ml_dtypes" in result.stderr
+    cli = run_python(f"import sys\n{blocked}\nimport picomap\nsys.exit(picomap.main(['info', 'bf']))", in_tmp)
+    assert cli.returncode == 1 and "pip install ml_dtypes" in cli.stderr and "Traceback" not in cli.stderr
+
+
+# ---------------------------------------------------------------- close
+
+def mapped_or_open(path: Path) -> bool:
+    """Whether this process still maps the file or holds a descriptor of it."""
+    real = str(path.resolve())
+    maps = Path("/proc/self/maps").read_text()
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.exists(f"/proc/self/fd/{fd}")]
+    return real in maps or real in fds
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_close_releases_the_files_once_no_view_is_alive(toy):
+    import gc
+    with pm.MapLoader("toy") as load:
+        view = load(2)
+        assert mapped_or_open(Path("toy.dat")) and mapped_or_open(Path("toy.starts.npy"))
+    for call in (lambda: load(0), lambda: load[-1], lambda: load(0, copy=True), lambda: load.data,
+                 lambda: load.starts, lambda: load.lengths):
+        with pytest.raises(ValueError, match="toy: the loader is closed"):
+            call()
+    np.testing.assert_array_equal(view, toy[2])  # a view handed out before stays valid
+    gc.collect()
+    assert mapped_or_open(Path("toy.dat"))  # ... because it keeps the mapping alive
+    del view
+    gc.collect()
+    assert not mapped_or_open(Path("toy.dat")) and not mapped_or_open(Path("toy.starts.npy"))
+
+
+# ---------------------------------------------------------------- offsets mapped, checked a chunk at a time
+
+def anonymous_bytes() -> int:
+    """This process's anonymous memory: what it holds privately, file-backed pages apart."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Anonymous line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc")
+def test_ten_million_items_open_without_reading_the_offsets(in_tmp):
+    n_items = 10_000_000
+    write_flat_map("big", n_items)
+    before = anonymous_bytes()
+    tracemalloc.start()
+    try:
+        load, n = pm.get_loader_fn("big")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == n_items and peak < 1 << 20  # reading them would take 80 MB
+    picks = np.random.default_rng(0).integers(0, n_items, 2000)
+    assert all(load(int(i)).shape == (1,) for i in picks)  # checks most chunks on the way
+    assert anonymous_bytes() - before < 4 << 20
+    assert load.starts.dtype == np.int64 and not load.starts.flags.writeable
+
+
+def damage_offsets(base, at, value):
+    starts = np.load(f"{base}.starts.npy")
+    starts[at] = value
+    np.save(f"{base}.starts.npy", starts)
+
+
+def test_damaged_offsets_in_the_middle_refuse_their_items_only(in_tmp):
+    chunk = 1 << pm.CHECK_SHIFT
+    write_flat_map("big", 5 * chunk)
+    damage_offsets("big", 2 * chunk + 100, 10)  # in chunk 2: item 2*chunk+99 would end before it starts
+    load, n = pm.get_loader_fn("big")
+    for i in (0, chunk - 1, 2 * chunk - 1, 3 * chunk, n - 1, -1):
+        assert load(i).shape == (1,)
+    for i in (2 * chunk, 2 * chunk + 99, 3 * chunk - 1, 2 * chunk - n):
+        with pytest.raises(ValueError, match=f"big.starts.npy: offsets decrease at item {2 * chunk + 99} "
+                                             rf"\({2 * chunk + 99} then 10\): item {i % n} is not served"):
+            load(i)
+    with pytest.raises(ValueError, match=f"big.starts.npy: offsets decrease at item {2 * chunk + 99}"):
+        pm.verify_hash("big", progress=False)
+    with pytest.raises(ValueError, match="offsets decrease"):
+        load.lengths
+
+
+def test_a_chunk_shifted_whole_is_caught_by_the_nearest_checked_chunks(in_tmp):
+    chunk = 1 << pm.CHECK_SHIFT
+    write_flat_map("big", 4 * chunk)
+    starts = np.load("big.starts.npy")
+    starts[chunk + 1:2 * chunk + 1] += chunk + 50  # chunk 1 still rises within itself, but ends after chunk 3 begins
+    np.save("big.starts.npy", starts)
+    for order in ([chunk + 5, 3 * chunk + 5], [3 * chunk + 5, chunk + 5]):
+        load, _ = pm.get_loader_fn("big")
+        load(order[0])
+        with pytest.raises(ValueError, match="outside rows .* that the items around them leave"):
+            load(order[1])  # served together, items of the two chunks would overlap
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(0, 4), min_size=1, max_size=40),
+       damage=st.lists(st.tuples(st.integers(1, 39), st.integers(0, 200)), max_size=3),
+       order=st.lists(st.integers(-40, 39), max_size=60))
+def test_served_items_never_overlap_and_stay_in_the_data(tmp_path_factory, lengths, damage, order):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pm, "CHECK_SHIFT", 2)  # chunks of 4 items, so that a small map has many
+        patch.chdir(tmp_path_factory.mktemp("damage"))
+        pm.build_map([np.arange(n, dtype=np.int16) for n in lengths], "m", progress=False)
+        starts = np.load("m.starts.npy")
+        for at, value in damage:
+            if at < len(lengths):  # first and last are checked at open; the rest lazily
+                starts[at] = value
+        np.save("m.starts.npy", starts)
+        valid = bool(np.all(starts[1:] >= starts[:-1]))
+        load, n = pm.get_loader_fn("m")
+        served = []
+        for i in order:
+            if not -n <= i < n:
+                continue
+            try:
+                item = load(i)
+            except ValueError as e:
+                assert not valid and "m.starts.npy" in str(e)
+                continue
+            k = i % n
+            a, b = int(starts[k]), int(starts[k + 1])
+            assert 0 <= a <= b <= starts[-1] and item.tobytes() == load.data[a:b].tobytes()
+            served.append((a, b))
+        for a, b in served:
+            assert all(b <= c or d <= a or (a, b) == (c, d) or a == b or c == d for c, d in served)

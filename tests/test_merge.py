@@ -1,5 +1,6 @@
 """merge_maps: the same bytes and hash as one build, clear refusals that write nothing, crash safety."""
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 import picomap as pm
 from conftest import LEGACY, listing, oracle_hash, read_json, snapshot, tokens
 from test_cli import run
+from test_load import run_python
 
 
 def build_shards(parts, prefix="shard"):
@@ -50,7 +52,6 @@ def test_merged_hash_does_not_depend_on_the_sharding(tmp_path_factory, lengths, 
         assert_same_as_direct_build("merged", items)
 
 
-@pytest.mark.skipif(not LEGACY.is_dir(), reason="../shared/fixtures/legacy-0.1 is absent")
 def test_legacy_maps_are_valid_shards(in_tmp):
     with np.load(LEGACY / "ragged_f32.expected.npz") as npz:
         old = [npz[f"arr_{i}"] for i in range(len(npz.files))]
@@ -204,3 +205,49 @@ def test_merge_command(in_tmp):
         assert bad.returncode == 1 and words in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert not Path("bad.json").exists()
+
+
+def write_shard(base, item):
+    """A one-item shard written without build_map (no fsyncs), so that a thousand are quick to make."""
+    np.save(f"{base}.starts.npy", np.array([0, len(item)], np.uint64))
+    Path(f"{base}.dat").write_bytes(item.tobytes())
+    Path(f"{base}.json").write_text(json.dumps({"trail_dim": [], "hash": "0" * 32, "creation_time": "",
+                                                "dtype": str(item.dtype), "count": 1, "total_rows": len(item)}))
+
+
+def test_a_thousand_shards_merge_under_a_256_file_limit(in_tmp):
+    items = [np.full(k % 7, k, np.int32) for k in range(1000)]
+    for k, item in enumerate(items):
+        write_shard(f"s{k}", item)
+    script = ("import resource, picomap as pm\nresource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
+              "print(pm.merge_maps([f's{k}' for k in range(1000)], 'merged', progress=False)['count'])")
+    result = run_python(script, in_tmp)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1000"
+    assert_same_as_direct_build("merged", items)
+
+
+def test_merge_memory_does_not_grow_with_the_count(in_tmp):
+    import tracemalloc
+    peaks = []
+    for n in (200_000, 800_000):
+        for k in range(2):
+            pm.build_map((np.full(k, 1, np.int8) for _ in range(n // 2)), f"part{n}-{k}", progress=False)
+        tracemalloc.start()
+        try:
+            pm.merge_maps([f"part{n}-0", f"part{n}-1"], f"merged{n}", progress=False)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] < 16 << 20 and peaks[1] < peaks[0] + (1 << 20)  # before: 8 bytes an item, and more
+    assert pm.verify_hash("merged800000", progress=False)
+
+
+def test_damaged_shard_offsets_stop_the_merge(in_tmp):
+    names = build_shards([tokens(10, seed=1), tokens(10, seed=2)])
+    starts = np.load("shard1.starts.npy")
+    starts[4], starts[5] = starts[5], starts[4] - 1
+    np.save("shard1.starts.npy", starts)
+    with pytest.raises(ValueError, match="shard1.starts.npy: offsets decrease at item 4"):
+        pm.merge_maps(names, "merged", progress=False)
+    assert not [name for name in listing(in_tmp) if name.startswith(("merged", ".merged"))]

@@ -8,9 +8,8 @@ import pytest
 import xxhash
 
 import picomap as pm
-from conftest import LEGACY, LEGACY_NAMES, oracle_hash, read_json, tokens
+from conftest import LEGACY, LEGACY_NAMES, oracle_hash, read_json, tokens, write_json
 
-needs_legacy = pytest.mark.skipif(not LEGACY.is_dir(), reason="../shared/fixtures/legacy-0.1 is absent")
 
 
 def test_verify_passes_on_an_intact_map(in_tmp):
@@ -72,7 +71,6 @@ def legacy_items(name):
         return [npz[f"arr_{i}"] for i in range(len(npz.files))]
 
 
-@needs_legacy
 @pytest.mark.parametrize("name", LEGACY_NAMES)
 def test_reads_and_verifies_every_legacy_map(name):
     base = LEGACY / name
@@ -85,7 +83,6 @@ def test_reads_and_verifies_every_legacy_map(name):
         np.testing.assert_array_equal(load(i), want)
 
 
-@needs_legacy
 @pytest.mark.parametrize("name", LEGACY_NAMES)
 def test_same_items_give_the_legacy_hash_and_bytes(in_tmp, name):
     header = pm.build_map(legacy_items(name), name, progress=False)
@@ -111,7 +108,6 @@ def test_the_legacy_recipe_gives_the_documented_hashes(in_tmp):
         assert pm.build_map(items, name, progress=False)["hash"] == want[name]
 
 
-@needs_legacy
 def test_a_legacy_reader_can_load_new_maps(in_tmp):
     """What 0.1 did to read a map: np.dtype(json dtype), np.load(starts), np.memmap of the data."""
     items = [np.arange(n * 2, dtype=">i4").reshape(n, 2) for n in (3, 1, 4)]
@@ -131,7 +127,80 @@ def test_a_legacy_reader_can_load_new_maps(in_tmp):
 def test_both_hashing_paths_give_the_oracle_hash(in_tmp, monkeypatch, copy_below):
     monkeypatch.setattr(pm, "FRAME_COPY_BELOW", copy_below)
     maps = {"tok": tokens(300), "be": [np.full((n, 3), n, ">i2") for n in (0, 5, 1, 0, 2)],
-            "odd": [np.zeros((n, 3), "S3") for n in (1, 4, 0)], "nothing": [np.zeros((n, 0)) for n in (2, 0, 3)]}
+            "odd": [np.zeros((n, 3), "S3") for n in (1, 4, 0)], "nothing": [np.zeros((n, 0)) for n in (2, 0, 3)],
+            "rec": [np.ones((n, 2), [("a", "<i2"), ("b", ">f8")]) for n in (3, 0, 2)]}
     for name, items in maps.items():
         assert pm.build_map(items, name, progress=False)["hash"] == oracle_hash(items)
         assert pm.verify_hash(name, progress=False)
+
+
+# ---------------------------------------------------------------- the hash covers the dtype
+
+def test_swapping_structured_fields_in_the_json_fails_verify(in_tmp):
+    dtype = np.dtype([("label", "<i4"), ("score", "<f4")])
+    items = [np.array([(1, 0.5), (2, 0.25)], dtype), np.array([(3, 1.5)], dtype)]
+    header = pm.build_map(items, "toy", progress=False)
+    assert header["hash"] == oracle_hash(items)
+    header["dtype"] = [["score", "<f4"], ["label", "<i4"]]  # the same 8 bytes a row, read another way
+    write_json("toy", header)
+    with pytest.raises(ValueError, match="hash mismatch: .* json's dtype or trail_dim differ"):
+        pm.verify_hash("toy", progress=False)
+
+
+@pytest.mark.parametrize("built, edited", [("float8_e4m3fn", "float8_e4m3fnuz"), ("bfloat16", "float16"),
+                                           ("int4", "uint4"), ("float8_e5m2", "int8")])
+def test_editing_an_ml_dtype_in_the_json_fails_verify(in_tmp, built, edited):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    items = [np.arange(n).astype(getattr(ml_dtypes, built)) for n in (4, 1)]
+    header = pm.build_map(items, "toy", progress=False)
+    assert header["dtype"] == built and header["hash"] == oracle_hash(items)
+    assert pm.verify_hash("toy", progress=False)
+    header["dtype"] = edited
+    write_json("toy", header)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        pm.verify_hash("toy", progress=False)
+
+
+def test_the_same_bytes_under_two_dtypes_never_hash_alike():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    raw = np.arange(8, dtype=np.uint8)
+
+    def digest(dtype):
+        return pm.update_hash_with_array(xxhash.xxh3_128(), raw.view(dtype)).hexdigest()
+    one_byte = [np.uint8, np.int8, np.bool_, "S1", "V1", ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3fnuz,
+                ml_dtypes.float8_e5m2, ml_dtypes.int4, ml_dtypes.uint4, ml_dtypes.float4_e2m1fn]
+    eight_bytes = [np.float64, np.int64, "V8", [("a", "<i4"), ("b", "<f4")], [("b", "<f4"), ("a", "<i4")],
+                   [("a", "<i4"), ("b", "<i4")], [("a", "<u8")]]
+    two_bytes = [np.float16, ml_dtypes.bfloat16, np.int16]
+    digests = [digest(np.dtype(d)) for d in one_byte + eight_bytes + two_bytes]
+    assert len(set(digests)) == len(digests)
+
+
+def test_plain_dtypes_keep_the_0_1_frame_and_others_use_v2():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    for dtype in ["<f4", ">i4", "|b1", "<M8[ns]", "<m8[s]", "|S3", "<U2", "|V4", "<c16", "<f2"]:
+        arr = np.zeros(2, dtype)
+        frame = pm.update_hash_with_array(xxhash.xxh3_128(), arr).hexdigest()
+        v1 = xxhash.xxh3_128(b"A|v1|" + arr.dtype.str.encode() + np.array([1, 2], "<i8").tobytes() + arr.tobytes())
+        assert frame == v1.hexdigest()
+    for dtype in [np.dtype([("a", "<i4")]), np.dtype(ml_dtypes.bfloat16)]:
+        arr = np.zeros(2, dtype)
+        text = pm._dtype_to_json(dtype)
+        text = json.dumps(text).encode()
+        v2 = xxhash.xxh3_128(b"A|v2|" + len(text).to_bytes(8, "little") + text
+                             + np.array([1, 2], "<i8").tobytes() + arr.tobytes())
+        assert pm.update_hash_with_array(xxhash.xxh3_128(), arr).hexdigest() == v2.hexdigest()
+
+
+def test_verify_memory_is_one_batch_whatever_the_count(in_tmp):
+    import tracemalloc
+    peaks = []
+    for n in (100_000, 400_000):
+        pm.build_map((np.full(1, k % 100, np.int8) for k in range(n)), f"m{n}", progress=False)
+        tracemalloc.start()
+        try:
+            assert pm.verify_hash(f"m{n}", progress=False)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] < 16 << 20 and peaks[1] < peaks[0] + (1 << 20)  # before: 52 MB, and growing
