@@ -281,19 +281,13 @@ def _check_offsets(offsets: np.ndarray, first_item: int, low: int, high: int, wh
                          f"{offsets[0]} to {offsets[-1]}, outside rows {low}-{high} that the items around them leave")
 
 
-def _item_runs(count: int, run_items: int = BATCH_ITEMS):
-    """Consecutive ranges (i, j) of at most run_items items that cover range(count)."""
-    for i in range(0, count, run_items):
-        yield i, min(i + run_items, count)
-
-
 def _checked_runs(starts: np.ndarray, where: Path):
-    """Yield (i, j, offsets i..j) over a map's items in bounded runs, each run's offsets checked: once
-    the generator is exhausted every offset was (with both ends checked at open)."""
-    for i, j in _item_runs(len(starts) - 1):
-        offsets = starts[i:j + 1]
+    """Yield a map's offsets in runs of BATCH_ITEMS items (each run's last offset is the next one's
+    first), each run checked: once the generator is exhausted every offset was."""
+    for i in range(0, len(starts) - 1, BATCH_ITEMS):
+        offsets = starts[i:i + BATCH_ITEMS + 1]
         _check_offsets(offsets, i, 0, int(starts[-1]), where)
-        yield i, j, offsets
+        yield offsets
 
 
 @contextlib.contextmanager
@@ -354,8 +348,8 @@ class OpenedMap(NamedTuple):
 
 
 def _identity(handle) -> tuple:
-    stat_ = os.fstat(handle.fileno())
-    return stat_.st_dev, stat_.st_ino, stat_.st_size, stat_.st_mtime_ns
+    info = os.fstat(handle.fileno())
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _open_map(path: str | os.PathLike) -> OpenedMap:
@@ -625,11 +619,6 @@ def _as_array(index: int, item) -> np.ndarray:
         raise ValueError(f"item {index}: not an array ({e})") from None
 
 
-def _is_untyped_empty(item, arr: np.ndarray) -> bool:
-    """An empty list or tuple: numpy calls it float64, but it holds no value of any type."""
-    return arr.size == 0 and isinstance(item, (list, tuple))
-
-
 def _bad_item(index: int, arr: np.ndarray, dtype: np.dtype, trail: tuple) -> Exception:
     if arr.dtype.hasobject:
         return TypeError(f"item {index}: dtype {arr.dtype} holds Python objects; picomap stores plain bytes only")
@@ -656,18 +645,17 @@ class _ItemWriter:
         self.untyped_empties = 0  # empty lists met before any item fixed the dtype
 
     def add(self, index: int, item) -> None:
+        if isinstance(item, (list, tuple)) and not item:  # numpy calls [] float64, but it holds no value
+            if self.dtype is None:
+                self.untyped_empties += 1
+            else:
+                self._append(np.empty((0, *self.trail), self.dtype))
+            return
         arr = _as_array(index, item)
         if self.dtype is None:
-            if _is_untyped_empty(item, arr) and arr.shape == (0,):
-                self.untyped_empties += 1
-                return
             self._fix_layout(index, arr)
         elif arr.dtype != self.dtype or arr.ndim == 0 or arr.shape[1:] != self.trail:
-            if not _is_untyped_empty(item, arr):
-                raise _bad_item(index, arr, self.dtype, self.trail)
-            arr = np.empty((0, *self.trail) if arr.shape == (0,) else arr.shape, self.dtype)
-            if arr.shape[1:] != self.trail:
-                raise _bad_item(index, arr, self.dtype, self.trail)
+            raise _bad_item(index, arr, self.dtype, self.trail)
         self._append(arr)
 
     def _fix_layout(self, index: int, arr: np.ndarray) -> None:
@@ -817,7 +805,7 @@ def _append_shard(shard: _Shard, dat, offsets: _OffsetsFile, bar: tqdm) -> None:
     if opened.identity != shard.identity:
         raise ValueError(f"{shard.files.dat}: changed while merging; nothing was written")
     rows_before = offsets.end
-    for _, _, run in _checked_runs(opened.starts, opened.files.starts):
+    for run in _checked_runs(opened.starts, opened.files.starts):
         offsets.append(run[1:] + rows_before)
     _copy_into(opened, dat, bar)
 
@@ -1171,7 +1159,7 @@ def _demo(folder: str | None) -> None:
 def _length_stats(starts: np.ndarray, where: Path) -> str:
     """'min / mean / max' of the item lengths, in bounded runs: no array of N lengths."""
     low, high, total = None, 0, 0
-    for i, j, offsets in _checked_runs(starts, where):
+    for offsets in _checked_runs(starts, where):
         lengths = np.diff(offsets)
         low = int(lengths.min()) if low is None else min(low, int(lengths.min()))
         high, total = max(high, int(lengths.max())), total + int(offsets[-1] - offsets[0])

@@ -399,3 +399,15 @@ def test_build_memory_is_one_batch_whatever_the_count(in_tmp, make):
     assert peaks[1] < 16 << 20  # one batch of 1 MiB or 65,536 items (before: 85 MB, 213 bytes an item)
     assert peaks[1] < peaks[0] + (1 << 20)  # and not growing with the count
     assert pm.get_loader_fn("m400000")[1] == 400_000 and pm.verify_hash("m400000", progress=False)
+
+
+def test_streamed_offsets_are_byte_for_byte_what_np_save_writes(in_tmp):
+    import io
+    for n in (0, 1, 12_345):
+        pm.build_map((np.zeros(k % 3, np.uint8) for k in range(n)), f"m{n}", progress=False)
+        written = Path(f"m{n}.starts.npy").read_bytes()
+        saved = io.BytesIO()
+        np.save(saved, np.load(f"m{n}.starts.npy"))
+        assert written == saved.getvalue()
+    # the header is written last over a placeholder: it must not grow with the count
+    assert {len(pm._npy_header(n)) for n in (0, 1, 10**9, 2**63 - 1)} == {128}

@@ -105,12 +105,14 @@ def test_readme_shows_the_two_commands():
 # Which tests back each number in the README's Reliability section: a file, and words of which a
 # test's name must hold one (none: every test of the file).
 RELIABILITY = {
-    "corrupt-map cases": [("test_load.py", ["corrupt", "oversized", "absurd", "no_map"]),
-                          ("test_damage.py", ["malformed", "too_many"])],
+    "corrupt-map cases": [("test_load.py", ["corrupt", "oversized", "absurd", "no_map", "regular_file",
+                                            "not_maps", "damaged_offsets", "shifted_whole"]),
+                          ("test_damage.py", ["malformed", "too_many"]), ("test_merge.py", ["damaged"])],
     "fault-injection tests": [("test_faults.py", []), ("test_build.py", ["leave"]),
                               ("test_merge.py", ["leaves", "changed", "interrupted", "writes_nothing",
                                                  "not_be_an_input", "mismatched"])],
-    "bad-item cases": [("test_build.py", ["bad_item_raises", "meta_must"])],
+    "bad-item cases": [("test_build.py", ["bad_item_raises", "meta_must", "names_the_item", "cannot_record",
+                                          "meta_too_large", "cannot_hold", "own_dtype"])],
     "damage-location tests": [("test_damage.py", [])],
 }
 
@@ -124,4 +126,5 @@ def test_readme_reliability_numbers_match_the_suite():
                     if test.startswith(f"tests/{file}::") and (not words or any(w in test for w in words)))
         assert f"**{count}** {label}" in README, f"README should say **{count}** {label}"
     from test_fuzz import EXAMPLES
-    assert f"**2 × {EXAMPLES}** fuzzing examples" in README
+    from test_load import DAMAGE_EXAMPLES
+    assert f"**2 × {EXAMPLES}** fuzzing examples" in README and f"**{DAMAGE_EXAMPLES}** examples" in README

@@ -160,7 +160,7 @@ def corrupt(base, what):
     elif kind == "starts":
         bad = {"short": starts[:-1], "long": np.append(starts, starts[-1]), "2d": starts.reshape(1, -1),
                "float": starts.astype(np.float64), "decreasing": starts[[0, 3, 1, 2, 4]],
-               "not-zero": starts + 1, "wrong-end": np.append(starts[:-1], starts[-1] + 1),
+               "not-zero": starts + np.uint64(1), "wrong-end": np.append(starts[:-1], starts[-1] + np.uint64(1)),
                "objects": np.array(list(starts), dtype=object), "signed-negative": -starts.astype(np.int64)}
         if detail == "not-npy":
             starts_file.write_bytes(b"these are not offsets")
@@ -421,7 +421,10 @@ def test_a_chunk_shifted_whole_is_caught_by_the_nearest_checked_chunks(in_tmp):
             load(order[1])  # served together, items of the two chunks would overlap
 
 
-@settings(max_examples=150, deadline=None)
+DAMAGE_EXAMPLES = 150  # README's Reliability section quotes this
+
+
+@settings(max_examples=DAMAGE_EXAMPLES, deadline=None)
 @given(lengths=st.lists(st.integers(0, 4), min_size=1, max_size=40),
        damage=st.lists(st.tuples(st.integers(1, 39), st.integers(0, 200)), max_size=3),
        order=st.lists(st.integers(-40, 39), max_size=60))
