@@ -37,6 +37,7 @@ place with the json last and fsyncs the folder, so a reader sees the old map or 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import glob
 import io
@@ -619,6 +620,32 @@ def _as_array(index: int, item) -> np.ndarray:
         raise ValueError(f"item {index}: not an array ({e})") from None
 
 
+def _is_inexact(dtype: np.dtype) -> bool:
+    """Floating or complex, numpy's own or ml_dtypes' (bfloat16, float8_*, ...)."""
+    return dtype.kind in "fc" or dtype.kind == "V" and str(dtype).startswith(("bfloat", "float", "complex"))
+
+
+def _converted(index: int, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """arr as dtype, if every value fits: exactly for integer and other targets, and for floating
+    ones without overflow (rounding is what a float target is for). ValueError naming the item else."""
+    if arr.dtype == dtype:
+        return arr
+    with np.errstate(all="ignore"):
+        try:
+            out = arr.astype(dtype)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"item {index}: {arr.dtype} values cannot become {dtype} ({e})") from None
+        if np.can_cast(arr.dtype, dtype, "safe"):
+            return out
+        back = out.astype(arr.dtype)
+        fits = (np.isfinite(back) | ~np.isfinite(arr)) if _is_inexact(dtype) and _is_inexact(arr.dtype) \
+            else back == arr
+    if not np.all(fits):
+        value = arr[~fits].flat[0].item()
+        raise ValueError(f"item {index}: the value {value!r} does not fit {dtype} (picomap never wraps or clips)")
+    return out
+
+
 def _bad_item(index: int, arr: np.ndarray, dtype: np.dtype, trail: tuple) -> Exception:
     if arr.dtype.hasobject:
         return TypeError(f"item {index}: dtype {arr.dtype} holds Python objects; picomap stores plain bytes only")
@@ -637,10 +664,10 @@ class _ItemWriter:
     Each item's bytes are copied into the batch when it is added, before the caller makes the next
     one: a source that refills one buffer for every item is stored as it yielded each item."""
 
-    def __init__(self, dat, starts):
+    def __init__(self, dat, starts, dtype: np.dtype | None):
         self.dat, self.offsets = dat, _OffsetsFile(starts)
         self.hash, self.blocks = xxhash.xxh3_128(_MAP_HEAD), _BlockDigests(BLOCK_BYTES)
-        self.dtype, self.trail = None, None
+        self.target, self.dtype, self.trail = dtype, None, None  # target: what build_map's dtype= asks
         self.batch, self.lengths = bytearray(), []  # the batch's bytes, C order, and first dimensions
         self.untyped_empties = 0  # empty lists met before any item fixed the dtype
 
@@ -652,6 +679,8 @@ class _ItemWriter:
                 self._append(np.empty((0, *self.trail), self.dtype))
             return
         arr = _as_array(index, item)
+        if self.target is not None and arr.dtype != self.target and not arr.dtype.hasobject:
+            arr = _converted(index, arr, self.target)
         if self.dtype is None:
             self._fix_layout(index, arr)
         elif arr.dtype != self.dtype or arr.ndim == 0 or arr.shape[1:] != self.trail:
@@ -693,11 +722,11 @@ class _ItemWriter:
 
     def finish(self, meta: dict) -> dict:
         if self.dtype is None and self.untyped_empties:  # only empty lists: numpy's float64, like np.asarray([])
-            self._fix_layout(0, np.asarray([]))
+            self._fix_layout(0, np.empty(0, self.target or np.float64))
         self.flush()
         self.offsets.finish()
         self.hash.update(_MAP_TAIL)
-        dtype, trail = (self.dtype, self.trail) if self.dtype is not None else _EMPTY_LAYOUT
+        dtype, trail = (self.dtype, self.trail) if self.dtype is not None else (self.target or _EMPTY_LAYOUT[0], ())
         return _header_dict(dtype, trail, self.offsets, self.hash.hexdigest(), self.blocks, meta)
 
 
@@ -717,14 +746,16 @@ def _checked_meta(meta: dict | None, function: str) -> dict:
 
 
 def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True,
-              meta: dict | None = None) -> dict:
+              meta: dict | None = None, dtype=None) -> dict:
     """Stream ``items`` (arrays, array-likes, CPU torch tensors) to the map at ``path``; return the json written.
 
     Item 0 fixes the dtype and the trailing shape ``shape[1:]``; the first dimension is ragged and
     may be 0. Items are stored in C order and never cast, each as it was when the iterable yielded
     it (a source may refill one buffer for every item). An empty list is a 0-length item of the
-    map's dtype. ``meta`` is a JSON-serialisable dict of your own, stored under ``"meta"``. The
-    folder is created if missing.
+    map's dtype. ``dtype`` (anything ``np.dtype`` takes) converts every item to it: a value that
+    does not fit (out of an integer's range, a fraction for an integer, an overflow to infinity)
+    raises ValueError naming the item, never wraps. ``meta`` is a JSON-serialisable dict of your
+    own, stored under ``"meta"``. The folder is created if missing.
 
     Raises ValueError (naming the item) for a 0-d item or one whose dtype or trailing shape differs,
     or a dtype a json cannot record; TypeError for object dtypes. On any failure, Ctrl-C included, no
@@ -733,10 +764,13 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
     """
     files = map_files(path)
     meta = _checked_meta(meta, "build_map")
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        _check_layout(dtype, "build_map")
     files.dat.parent.mkdir(parents=True, exist_ok=True)
     with _staged(files) as temps:
         with _new_file(temps.dat) as dat, _new_file(temps.starts) as starts:
-            writer = _ItemWriter(dat, starts)
+            writer = _ItemWriter(dat, starts, dtype)
             for index, item in enumerate(tqdm(items, desc=f"build {files.dat.name}", unit=" items",
                                               disable=not progress)):
                 writer.add(index, item)
@@ -810,15 +844,26 @@ def _append_shard(shard: _Shard, dat, offsets: _OffsetsFile, bar: tqdm) -> None:
     _copy_into(opened, dat, bar)
 
 
-def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True) -> dict:
+def _merged_meta(shards: list[_Shard]) -> dict:
+    """The meta every shard agrees on; ValueError naming the first shard that differs."""
+    for k, shard in enumerate(shards[1:], 1):
+        if shard.header.meta != shards[0].header.meta:
+            shown = [json.dumps(s.header.meta)[:80] for s in (shards[0], shard)]
+            raise ValueError(f"merge_maps: shard {k} ({shard.files.dat}) has meta {shown[1]}, but shard 0 "
+                             f"has {shown[0]}; pass meta= to say what the merged map's is")
+    return shards[0].header.meta if shards else {}
+
+
+def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True, meta: dict | None = None) -> dict:
     """Concatenate the maps at ``paths``, in order, into a new map at ``out``; return the json written.
 
     The result is byte for byte what ``build_map`` writes for all their items in that order (same
     ``.dat``, offsets and hash), so a dataset's hash does not depend on how it was sharded. Its
-    ``meta`` is the shards' own if they all have the same, else ``{}``. Shards with items must
-    agree on dtype and trailing shape; empty shards may record anything.
+    ``meta`` is ``meta`` if given, else the shards' own, which must then be the same. Shards with
+    items must agree on dtype and trailing shape; empty shards may record anything.
 
-    Raises ValueError naming the shard on a mismatch, if ``out`` is one of ``paths``, or if a shard
+    Raises ValueError naming the shard on a mismatch (of layout, or of meta without ``meta=``), if
+    ``out`` is one of ``paths``, or if a shard
     is inconsistent (FileNotFoundError if missing); nothing is written then. The bytes are copied
     by the kernel where possible and the hash is computed from what was written. Each shard's files
     are checked for consistency, not re-hashed: run verify_hash on a shard you do not trust.
@@ -827,13 +872,13 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise TypeError(f"merge_maps: paths must be a list of maps, not the single path {paths!r}")
     target = map_files(out)
+    given_meta = None if meta is None else _checked_meta(meta, "merge_maps")
     shards = [_checked_shard(path) for path in paths]
     for k, shard in enumerate(shards):
         if _same_file(shard.files.dat, target.dat) or _same_file(shard.files.json, target.json):
             raise ValueError(f"merge_maps: out ({target.dat}) is shard {k}; merge into a new path")
     dtype, trail = _shared_layout(shards)
-    metas = [s.header.meta for s in shards]
-    meta = metas[0] if metas and all(m == metas[0] for m in metas) else {}
+    meta = given_meta if given_meta is not None else _merged_meta(shards)
     merged = Header(dtype, trail, sum(s.header.count for s in shards), sum(s.header.total_rows for s in shards),
                     "", meta)
     total_bytes = merged.total_rows * merged.row_bytes
@@ -952,8 +997,8 @@ class MapLoader:
     mappings are released once no view from them is alive.
     """
     # Slots make load(i)'s attribute reads measurably cheaper; a __getattr__ here would undo that.
-    __slots__ = ("_files", "_header", "_count", "_starts", "_data", "_begins", "_ends", "_chunks", "_ready",
-                 "_checked", "_lock", "_lengths")
+    __slots__ = ("_files", "_header", "_first", "_count", "_starts", "_data", "_begins", "_ends", "_chunks",
+                 "_ready", "_checked", "_lock", "_lengths", "_rebased")
 
     def __init__(self, path: str | os.PathLike):
         self._open(path, expected_hash=None)
@@ -963,12 +1008,18 @@ class MapLoader:
         if expected_hash is not None and header.hash != expected_hash:
             raise ValueError(f"{files.json}: the map was replaced since this loader was pickled "
                              f"(hash {header.hash}, expected {expected_hash})")
-        self._files, self._header, self._count, self._starts, self._data = files, header, header.count, starts, data
+        self._serve(files, header, data, starts, first=0)
+
+    def _serve(self, files: MapFiles, header: Header, data: np.ndarray, starts: np.ndarray, first: int) -> None:
+        """Serve the items whose offsets are ``starts`` (both ends checked), the first being item
+        ``first`` of the map."""
+        self._files, self._header, self._data, self._starts = files, header, data, starts
+        self._first, self._count, self._rebased = first, len(starts) - 1, None
         # memoryviews index to Python ints fast and allocate nothing per item
         self._begins, self._ends = memoryview(starts)[:-1], memoryview(starts)[1:]
         # A flag a chunk, set once its offsets are checked, then as many again never set: twice, a
         # list for load(i) (CPython indexes lists fastest) and bytes to search for the nearest set.
-        self._chunks = -(-header.count >> CHECK_SHIFT)
+        self._chunks = -(-self._count >> CHECK_SHIFT)
         self._ready, self._checked = [False] * (2 * self._chunks + 1), bytearray(2 * self._chunks + 1)
         self._lock, self._lengths = threading.Lock(), None
 
@@ -979,6 +1030,8 @@ class MapLoader:
             else:
                 item = self._load_checking(i)
         except (IndexError, TypeError):
+            if isinstance(i, slice) and self._data is not None:
+                return self._sliced(i)
             raise self._index_error(i) from None
         if copy:
             return item.copy()
@@ -1004,13 +1057,28 @@ class MapLoader:
             checked, chunk = self._checked, i >> CHECK_SHIFT
             first, end = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, self._count)
             left, right = checked.rfind(1, 0, chunk), checked.find(1, chunk + 1, self._chunks)
-            low = int(self._starts[(left + 1) << CHECK_SHIFT]) if left >= 0 else 0
-            high = int(self._starts[right << CHECK_SHIFT]) if right >= 0 else self._header.total_rows
+            low = int(self._starts[(left + 1) << CHECK_SHIFT if left >= 0 else 0])
+            high = int(self._starts[right << CHECK_SHIFT if right >= 0 else -1])
             try:
-                _check_offsets(self._starts[first:end + 1], first, low, high, self._files.starts)
+                _check_offsets(self._starts[first:end + 1], self._first + first, low, high, self._files.starts)
             except ValueError as e:
-                raise ValueError(f"{e}: item {i} is not served; verify_hash tells more") from None
+                raise ValueError(f"{e}: item {self._first + i} is not served; verify_hash tells more") from None
             checked[chunk], self._ready[chunk] = 1, True
+
+    def _sliced(self, items: slice) -> MapLoader:
+        """``load[a:b]``: a loader of items a..b-1, sharing this one's mappings (no copy)."""
+        first, end, step = items.indices(self._count)
+        if step != 1:
+            raise ValueError(f"{self.path}: only contiguous slices of a map (step 1), not step {step}; "
+                             "torch.utils.data.Subset takes any indices")
+        starts = self._starts[first:max(first, end) + 1]
+        low, high = int(starts[0]), int(starts[-1])
+        if not 0 <= low <= high <= self._header.total_rows:
+            raise ValueError(f"{self._files.starts}: items {self._first + first}-{self._first + end - 1} run from "
+                             f"row {low} to {high}, outside 0-{self._header.total_rows}")
+        part = MapLoader.__new__(MapLoader)
+        part._serve(self._files, self._header, self._data, starts, self._first + first)
+        return part
 
     def _index_error(self, i) -> Exception:
         if self._data is None:
@@ -1037,7 +1105,7 @@ class MapLoader:
     def close(self) -> None:
         """Let go of the map's files: calls after this raise ValueError. Views already handed out
         stay valid; the mappings are released when the last of them is gone."""
-        self._data = self._starts = self._lengths = None
+        self._data = self._starts = self._lengths = self._rebased = None
         self._begins = self._ends = memoryview(b"")
         self._ready, self._checked = [], bytearray()
 
@@ -1072,18 +1140,28 @@ class MapLoader:
 
     @property
     def meta(self) -> dict:
-        return self._header.meta
+        """The ``meta`` given to build_map, a new copy each time: changing it changes nothing else."""
+        return copy.deepcopy(self._header.meta)
 
     @property
     def data(self) -> np.ndarray:
-        """The whole ``.dat`` as one read-only mapped array of shape ``(total_rows, *trail_dim)``."""
-        return self._open_array("_data")
+        """The items' rows as one read-only mapped array of shape ``(rows, *trail_dim)``: the whole
+        ``.dat``, or for a slice of a map its items' rows. No copy."""
+        starts = self._open_array("_starts")
+        return self._data[starts[0]:starts[-1]]
 
     @property
     def starts(self) -> np.ndarray:
-        """The ``count + 1`` row offsets as a read-only int64 array, mapped from the file as they are
-        (``load(i)`` checks those it uses, ``verify_hash`` all). No copy, no cost."""
-        return self._open_array("_starts")
+        """The ``N + 1`` row offsets into ``data`` as a read-only int64 array, mapped from the file
+        as they are (``load(i)`` checks those it uses, ``verify_hash`` all): no copy, no cost. For a
+        slice of a map, offsets from its first row: computed on first use, 8 bytes an item."""
+        starts = self._open_array("_starts")
+        if self._first == 0:
+            return starts
+        if self._rebased is None:
+            self._rebased = starts - starts[0]
+            self._rebased.flags.writeable = False
+        return self._rebased
 
     @property
     def lengths(self) -> np.ndarray:
@@ -1100,16 +1178,22 @@ class MapLoader:
         return self._lengths
 
     def __getstate__(self) -> dict:
-        # the absolute path and identity only: a receiver maps the files itself, whatever the map's
-        # size, from whatever folder it runs in
-        return {"dat": os.path.abspath(self._files.dat), "hash": self.hash}
+        # the absolute path, identity and items only: a receiver maps the files itself, whatever
+        # the map's size, from whatever folder it runs in
+        return {"dat": os.path.abspath(self._files.dat), "hash": self.hash,
+                "items": [self._first, self._first + self._count]}
 
     def __setstate__(self, state: dict) -> None:
         self._open(state["dat"], expected_hash=state["hash"])
+        first, end = state.get("items", (0, self._count))
+        if (first, end) != (0, self._count):
+            self._serve(self._files, self._header, self._data, self._sliced(slice(first, end))._starts, first)
 
     def __repr__(self) -> str:
         trail = ", ".join(map(str, ("*", *self.trail_dim)))
-        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {self._count} items of {self.dtype} ({trail})>"
+        items = f"{self._count} items" if self._first == 0 and self._count == self._header.count else \
+            f"items {self._first}-{self._first + self._count - 1} ({self._count})"
+        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {items} of {self.dtype} ({trail})>"
 
 
 def get_loader_fn(path: str | os.PathLike) -> tuple[MapLoader, int]:
@@ -1166,13 +1250,16 @@ def _length_stats(starts: np.ndarray, where: Path) -> str:
     return "-" if low is None else f"{low} / {total / (len(starts) - 1):.4g} / {high}"
 
 
-def _info(path: str) -> None:
+def _info(path: str, full_meta: bool) -> None:
     with MapLoader(path) as load:
         stats = _length_stats(load.starts, load._files.starts)
+        meta = json.dumps(load.meta)
+        if len(meta) > 200 and not full_meta:
+            meta = f"{meta[:200]}... ({len(meta):,} characters; --full-meta shows all)"
         for label, value in [("path", load.path), ("items", f"{len(load):,}"), ("dtype", load.dtype),
                              ("trailing shape", load.trail_dim), ("rows", f"{len(load.data):,}"),
                              ("bytes", f"{load.data.nbytes:,}"), ("item length min/mean/max", stats),
-                             ("hash", load.hash), ("meta", json.dumps(load.meta))]:
+                             ("hash", load.hash), ("meta", meta)]:
             print(f"{label:>25}: {value}")
 
 
@@ -1185,7 +1272,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="build, verify and load a small demo map").add_argument(
         "folder", nargs="?", help="where to write it (default: a temporary folder)")
-    commands.add_parser("info", help="describe a map").add_argument("path")
+    info = commands.add_parser("info", help="describe a map")
+    info.add_argument("path")
+    info.add_argument("--full-meta", action="store_true", help="print all of meta, not its first 200 characters")
     commands.add_parser("verify", help="check a map's content hash").add_argument("path")
     merge = commands.add_parser("merge", help="concatenate maps, in order, into a new one")
     merge.add_argument("out")
@@ -1195,7 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             _demo(args.folder)
         elif args.command == "info":
-            _info(args.path)
+            _info(args.path, args.full_meta)
         elif args.command == "merge":
             header = merge_maps(args.inputs, args.out, progress=False)
             print(f"merged {len(args.inputs)} maps into {args.out}: {header['count']:,} items, hash {header['hash']}")

@@ -411,3 +411,43 @@ def test_streamed_offsets_are_byte_for_byte_what_np_save_writes(in_tmp):
         assert written == saved.getvalue()
     # the header is written last over a placeholder: it must not grow with the count
     assert {len(pm._npy_header(n)) for n in (0, 1, 10**9, 2**63 - 1)} == {128}
+
+
+# ---------------------------------------------------------------- dtype=: convert, never wrap
+
+def test_dtype_converts_token_lists_and_empty_lists(in_tmp):
+    header = pm.build_map([[5, 6, 7], [], [65535]], "toy", progress=False, dtype=np.uint16)
+    assert header["dtype"] == "uint16"
+    assert_same_items(read_back("toy"), [np.array([5, 6, 7], np.uint16), np.zeros(0, np.uint16),
+                                         np.array([65535], np.uint16)])
+    assert Path("toy.dat").stat().st_size == 8  # 2 bytes a token, not int64's 8
+    assert pm.build_map([], "empty", progress=False, dtype="uint16")["dtype"] == "uint16"
+    assert pm.build_map([[], []], "empties", progress=False, dtype="int8")["dtype"] == "int8"
+
+
+@pytest.mark.parametrize("items, dtype, words", [
+    ([[1, 2], [65536]], np.uint16, "item 1: the value 65536 does not fit uint16"),
+    ([[1], [-1]], np.uint8, "item 1: the value -1 does not fit uint8"),
+    ([[0.5]], np.int32, "item 0: the value 0.5 does not fit int32"),
+    ([[1.0], [np.nan]], np.int64, "item 1: the value nan does not fit int64"),
+    ([np.array([1e5])], np.float16, "item 0: the value 100000.0 does not fit float16"),
+    ([[2], [3]], np.bool_, "item 0: the value 2 does not fit bool"),
+])
+def test_dtype_refuses_values_that_do_not_fit_naming_the_item(in_tmp, items, dtype, words):
+    with pytest.raises(ValueError) as caught:
+        pm.build_map(items, "toy", progress=False, dtype=dtype)
+    assert words in str(caught.value) and "never wraps" in str(caught.value)
+    assert listing(in_tmp) == []
+
+
+def test_dtype_rounds_floats_and_keeps_what_fits(in_tmp):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    items = [np.array([0.1, -2.5, np.inf, np.nan]), np.array([1e30])]
+    pm.build_map(items, "f32", progress=False, dtype=np.float32)
+    assert_same_items(read_back("f32"), [a.astype(np.float32) for a in items])
+    pm.build_map(items, "bf16", progress=False, dtype=ml_dtypes.bfloat16)
+    assert_same_items(read_back("bf16"), [a.astype(ml_dtypes.bfloat16) for a in items])
+    pm.build_map([np.array([1, 2], np.int8), [3.0]], "i16", progress=False, dtype=np.int16)
+    assert_same_items(read_back("i16"), [np.array([1, 2], np.int16), np.array([3], np.int16)])
+    with pytest.raises(TypeError, match="build_map: dtype object holds Python objects"):
+        pm.build_map([[1]], "obj", progress=False, dtype=object)

@@ -1,4 +1,5 @@
 """The command line (python -m picomap, the picomap script) and the README's examples, run as written."""
+import json
 import os
 import re
 import shutil
@@ -128,3 +129,14 @@ def test_readme_reliability_numbers_match_the_suite():
     from test_fuzz import EXAMPLES
     from test_load import DAMAGE_EXAMPLES
     assert f"**2 × {EXAMPLES}** fuzzing examples" in README and f"**{DAMAGE_EXAMPLES}** examples" in README
+
+
+def test_info_shortens_a_long_meta_unless_asked(in_tmp):
+    tokenizer = {"vocab": {f"tok{k}": k for k in range(5000)}}
+    pm.build_map([np.zeros(3, np.uint16)], "toy", progress=False, meta=tokenizer)
+    short = run("info", "toy", cwd=in_tmp)
+    line = [x for x in short.stdout.splitlines() if x.strip().startswith("meta:")][0]
+    assert len(line) < 300 and "characters; --full-meta shows all" in line
+    full = run("info", "--full-meta", "toy", cwd=in_tmp)
+    meta = [x for x in full.stdout.splitlines() if x.strip().startswith("meta:")][0].split(": ", 1)[1]
+    assert json.loads(meta) == tokenizer

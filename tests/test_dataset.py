@@ -186,3 +186,17 @@ def test_workers_started_afresh_share_the_offsets(in_tmp, method):
     write_flat_map("small", 1_000)
     big, small = (worker_memory(pm.get_loader_fn(name)[0], method) for name in ("big", "small"))
     assert big - small < 4 << 20  # before: each worker read all 80 MB of offsets into its own memory
+
+
+def as_lists(batch):
+    return [x.tolist() for x in batch]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_slices_split_a_map_for_dataloader_workers(toy, method):
+    load, n = pm.get_loader_fn("toy")
+    train, val = load[:30], load[30:]
+    for part, want in ((train, toy[:30]), (val, toy[30:])):
+        loader = DataLoader(part, batch_size=4, num_workers=2, multiprocessing_context=method,
+                            collate_fn=as_lists)
+        assert [x for batch in loader for x in batch] == [a.tolist() for a in want]

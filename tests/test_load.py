@@ -52,7 +52,7 @@ def test_indices_follow_python(toy):
     for bad in (n, -n - 1, 10**20, np.int64(n)):
         with pytest.raises(IndexError, match=f"item {bad} is out of range for a map of {n} items"):
             load(bad)
-    for bad in (1.0, "1", None, slice(0, 1), np.float64(1)):
+    for bad in (1.0, "1", None, np.float64(1)):
         with pytest.raises(TypeError, match="indices must be integers"):
             load(bad)
 
@@ -93,6 +93,70 @@ def file_events(work) -> list[str]:
     finally:
         _recording.clear()
     return events
+
+
+def test_offsets_are_int64_so_arithmetic_with_lengths_stays_integer(toy):
+    load, _ = pm.get_loader_fn("toy")
+    end = load.starts[2] + load.lengths[2]
+    assert end.dtype == np.int64 and load.data[load.starts[2]:end].shape == (5, 3)
+    assert load.starts[0] - 64 == -64 and (load.starts[:-1] + load.lengths == load.starts[1:]).all()
+
+
+def test_meta_cannot_drift(toy):
+    load, _ = pm.get_loader_fn("toy")
+    mine = load.meta
+    mine["source"] = "changed"
+    mine["new"] = [1]
+    assert load.meta == {"source": "unit test"}
+
+
+# ---------------------------------------------------------------- slices: splits without copies
+
+def test_a_slice_is_a_dataset_over_its_items(in_tmp):
+    items = tokens(30, seed=5)
+    pm.build_map(items, "toy", progress=False)
+    load, n = pm.get_loader_fn("toy")
+    for a, b in [(0, 30), (5, 12), (-10, None), (None, 3), (7, 7), (25, 100), (-100, 2)]:
+        part, want = load[a:b], items[a:b]
+        assert len(part) == len(want) and isinstance(part, pm.MapLoader)
+        assert [x.tolist() for x in part] == [x.tolist() for x in want]
+        assert [part(i).tolist() for i in range(-len(want), 0)] == [x.tolist() for x in want]
+        assert part.lengths.tolist() == [len(x) for x in want]
+        assert part.starts.tolist() == np.cumsum([0] + [len(x) for x in want]).tolist()
+        assert part.data.tobytes() == b"".join(x.tobytes() for x in want)
+        if want:
+            assert np.shares_memory(part(0), load.data) or part(0).size == 0
+        with pytest.raises(IndexError):
+            part(len(want))
+    inner = load[5:25][3:10]  # a slice of a slice: items 8..14
+    assert [x.tolist() for x in inner] == [x.tolist() for x in items[8:15]]
+    assert "items 8-14 (7)" in repr(inner)
+    with pytest.raises(ValueError, match="only contiguous slices"):
+        load[::2]
+
+
+def test_a_slice_pickles_as_its_items(in_tmp):
+    import pickle
+    items = tokens(30, seed=6)
+    pm.build_map(items, "toy", progress=False)
+    val = pickle.loads(pickle.dumps(pm.get_loader_fn("toy")[0][24:]))
+    assert len(val) == 6 and [x.tolist() for x in val] == [x.tolist() for x in items[24:]]
+
+
+def test_a_slice_over_damaged_offsets_refuses_naming_map_items(in_tmp):
+    chunk = 1 << pm.CHECK_SHIFT
+    write_flat_map("big", 3 * chunk)
+    damage_offsets("big", chunk + 10, 5)
+    load, _ = pm.get_loader_fn("big")
+    part = load[chunk:]
+    assert part(chunk).shape == (1,)  # item 2*chunk of the map: another chunk, intact
+    with pytest.raises(ValueError, match=f"offsets decrease at item {chunk + 9} .*: item {chunk + 3} is not served"):
+        part(3)
+    damage_offsets("big", 2 * chunk + 50, 10**9)  # past the data's rows
+    load, _ = pm.get_loader_fn("big")
+    with pytest.raises(ValueError, match=f"big.starts.npy: items {2 * chunk + 50}-{2 * chunk + 59} run from row "
+                                         f"1000000000 to {2 * chunk + 60}, outside 0-{3 * chunk}"):
+        load[2 * chunk + 50:2 * chunk + 60]
 
 
 def test_load_makes_no_mapping_and_opens_no_file_per_call(toy):

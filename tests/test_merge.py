@@ -73,10 +73,21 @@ def test_empty_shards_may_record_any_layout(in_tmp):
 
 
 def test_meta_is_kept_when_every_shard_agrees(in_tmp):
-    for name, meta in [("a", {"tok": "gpt2"}), ("b", {"tok": "gpt2"}), ("c", {"tok": "bert"})]:
+    for name, meta in [("a", {"tok": "gpt2"}), ("b", {"tok": "gpt2"}), ("c", {"tok": "bpe8k"})]:
         pm.build_map(tokens(3), name, progress=False, meta=meta)
     assert pm.merge_maps(["a", "b"], "ab", progress=False)["meta"] == {"tok": "gpt2"}
-    assert pm.merge_maps(["a", "b", "c"], "abc", progress=False)["meta"] == {}
+    assert pm.merge_maps(["a", "c"], "ac", progress=False, meta={"tok": "mixed"})["meta"] == {"tok": "mixed"}
+    assert pm.get_loader_fn("ac")[0].meta == {"tok": "mixed"}
+
+
+def test_shards_whose_meta_disagree_are_refused_unless_meta_is_given(in_tmp):
+    for name, meta in [("a", {"tok": "gpt2"}), ("b", {"tok": "gpt2"}), ("c", {"tok": "bpe8k"})]:
+        pm.build_map(tokens(3), name, progress=False, meta=meta)
+    before = listing(in_tmp)
+    with pytest.raises(ValueError, match=r'merge_maps: shard 2 \(c.dat\) has meta {"tok": "bpe8k"}, but shard 0 '
+                                         r'has {"tok": "gpt2"}; pass meta='):
+        pm.merge_maps(["a", "b", "c"], "abc", progress=False)
+    assert listing(in_tmp) == before
 
 
 def test_progress_bar_counts_bytes(in_tmp, capsys):
