@@ -16,10 +16,12 @@ File format. A map at base path ``B`` is three files; a reader may rely on all o
     part of it. ``trail_dim``: the trailing shape ``shape[1:]`` shared by every item, a list of
     ints. ``count``: the number of items. ``total_rows``: the sum of their first dimensions.
     ``hash``: the content hash, 32 hex digits. ``creation_time``: free text. Since 1.0 also
-    ``format_version`` (1) and ``meta``, the user's own JSON object, and ``block_bytes`` with
-    ``block_digests``: the xxh3_64 hexdigest of each ``block_bytes`` of ``B.dat`` (the last block
-    shorter), to locate damage. Maps of picomap 0.1 lack these four; they read as version 1 with
-    ``{}`` and no block digests.
+    ``format_version`` (1) and ``meta``, the user's own JSON object, and, to locate damage,
+    ``block_digests``, one for each ``block_bytes`` of ``B.dat`` (the last block shorter): since
+    1.1 the xxh3_64 hexdigest of the little-endian uint64 xxh3_64 digests of the block's
+    ``piece_bytes`` pieces (at most 1,000 blocks, pieces of 1 MiB); without ``piece_bytes`` (1.0),
+    the xxh3_64 hexdigest of the block's bytes. Maps of picomap 0.1 lack these keys; they read as
+    version 1 with ``{}`` and no block digests.
 
 Content hash. xxh3_128 (seed 0) over the byte stream ``b"D|v1|"``, then a frame for each item,
 then ``b"D|end|"``; stored as ``hexdigest()``. An item's frame is its dtype's tag, its ndim as one
@@ -53,6 +55,7 @@ import struct
 import sys
 import threading
 import time
+from array import array
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -90,9 +93,11 @@ _SUFFIXES = (".dat", ".starts.npy", ".json")
 _ML_DTYPE_NAME = re.compile(r"bfloat16|b?complex32|float[468]_e\w+|u?int[124]")
 # os.copy_file_range moves at most this much per call, so that the progress bar moves too.
 COPY_CHUNK_BYTES = 64 << 20
-# The .dat gets one xxh3_64 digest per block of this size, so verify_hash can say which items are
-# damaged: 64 MiB keeps the json near 300 KB even for a terabyte map.
-BLOCK_BYTES = 64 << 20
+# So that verify_hash can say which items are damaged, a build digests each 1 MiB piece of the .dat
+# and records the digests of at most MAX_BLOCKS blocks of whole pieces: damage is located to 1/1000
+# of the map or 1 MiB, whichever is larger, and the json holds at most ~20 KB of digests.
+PIECE_BYTES = 1 << 20
+MAX_BLOCKS = 1000
 # A loader checks the offsets of 2**CHECK_SHIFT items (128 KiB of them) the first time one of those
 # items is loaded, rather than all of them at open: opening stays O(1) and the offsets stay shared.
 CHECK_SHIFT = 14
@@ -182,6 +187,7 @@ class Header(NamedTuple):
     meta: dict
     block_bytes: int | None = None  # None for maps written before block digests (0.1)
     block_digests: list | None = None
+    piece_bytes: int | None = None  # None for blocks digested whole (1.0)
 
     @property
     def row_bytes(self) -> int:
@@ -223,8 +229,12 @@ def _read_header(json_file: Path, handle) -> Header:
             and all(isinstance(b, str) and len(b) == 16 and _is_hex(b) for b in blocks)):
         raise ValueError(f"{json_file}: block_bytes must be a positive integer and block_digests a list of "
                          "16-hex-digit strings, both or neither")
+    pieces = raw.get("piece_bytes")
+    if pieces is not None and not (blocks is not None and _is_count(pieces) and pieces > 0
+                                   and block_bytes % pieces == 0):
+        raise ValueError(f"{json_file}: piece_bytes must be a positive integer that divides block_bytes")
     return Header(_dtype_from_json(raw["dtype"], json_file), tuple(trail), raw["count"],
-                  raw["total_rows"], digest, meta, block_bytes, blocks)
+                  raw["total_rows"], digest, meta, block_bytes, blocks, pieces)
 
 
 def _map_file(handle) -> mmap.mmap:
@@ -481,8 +491,7 @@ def _header_dict(dtype: np.dtype, trail: tuple, offsets: _OffsetsFile, digest: s
     return {"trail_dim": list(trail), "hash": digest,
             "creation_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "dtype": _dtype_to_json(dtype), "count": offsets.count - 1, "total_rows": offsets.end,
-            "format_version": FORMAT_VERSION, "meta": meta,
-            "block_bytes": blocks.block_bytes, "block_digests": blocks.finish()}
+            "format_version": FORMAT_VERSION, "meta": meta, **blocks.grouped()}
 
 
 # ---------------------------------------------------------------- hashing
@@ -527,11 +536,12 @@ def update_hash_with_array(h, arr) -> Any:
 
 
 class _BlockDigests:
-    """xxh3_64 of each consecutive block_bytes of a byte stream fed in pieces of any size."""
+    """xxh3_64 of each consecutive piece_bytes of a byte stream fed in pieces of any size: 8 bytes
+    of memory a piece, 8 MB for a terabyte."""
 
-    def __init__(self, block_bytes: int):
-        self.block_bytes, self.digests = block_bytes, []
-        self.hash, self.left = xxhash.xxh3_64(), block_bytes
+    def __init__(self, piece_bytes: int):
+        self.piece_bytes, self.digests = piece_bytes, array("Q")
+        self.hash, self.left = xxhash.xxh3_64(), piece_bytes
 
     def update(self, data: np.ndarray) -> None:
         data = memoryview(data).cast("B")
@@ -540,13 +550,25 @@ class _BlockDigests:
             self.hash.update(piece)
             self.left -= len(piece)
             if self.left == 0:
-                self.digests.append(self.hash.hexdigest())
-                self.hash, self.left = xxhash.xxh3_64(), self.block_bytes
+                self.digests.append(self.hash.intdigest())
+                self.hash, self.left = xxhash.xxh3_64(), self.piece_bytes
 
-    def finish(self) -> list[str]:
-        if self.left < self.block_bytes:  # a last, partial block
-            self.digests.append(self.hash.hexdigest())
+    def pieces(self) -> array:
+        """The digest of every piece, the last, partial one included."""
+        if self.left < self.piece_bytes:
+            self.digests.append(self.hash.intdigest())
+            self.hash, self.left = xxhash.xxh3_64(), self.piece_bytes
         return self.digests
+
+    def grouped(self, per_block: int | None = None) -> dict:
+        """The json's keys: pieces grouped into at most MAX_BLOCKS blocks (or per_block pieces a block),
+        a block's digest being the xxh3_64 of its pieces' digests as little-endian uint64s."""
+        pieces = self.pieces()
+        per_block = per_block or max(1, -(-len(pieces) // MAX_BLOCKS))
+        digests = [xxhash.xxh3_64(np.array(pieces[k:k + per_block], "<u8").tobytes()).hexdigest()
+                   for k in range(0, len(pieces), per_block)]
+        return {"block_bytes": per_block * self.piece_bytes, "piece_bytes": self.piece_bytes,
+                "block_digests": digests}
 
 
 def _frame_headers(dtype: np.dtype, trail: tuple, lengths: np.ndarray) -> np.ndarray:
@@ -666,7 +688,7 @@ class _ItemWriter:
 
     def __init__(self, dat, starts, dtype: np.dtype | None):
         self.dat, self.offsets = dat, _OffsetsFile(starts)
-        self.hash, self.blocks = xxhash.xxh3_128(_MAP_HEAD), _BlockDigests(BLOCK_BYTES)
+        self.hash, self.blocks = xxhash.xxh3_128(_MAP_HEAD), _BlockDigests(PIECE_BYTES)
         self.target, self.dtype, self.trail = dtype, None, None  # target: what build_map's dtype= asks
         self.batch, self.lengths = bytearray(), []  # the batch's bytes, C order, and first dimensions
         self.untyped_empties = 0  # empty lists met before any item fixed the dtype
@@ -893,7 +915,7 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
         # hash what landed in the files, not what we meant to write
         with open(temps.starts, "rb") as starts, open(temps.dat, "rb") as dat:
             written_starts, written = _map_starts(temps.starts, starts, merged), _map_rows(dat, temps, merged)
-        blocks = _BlockDigests(BLOCK_BYTES)
+        blocks = _BlockDigests(PIECE_BYTES)
         digest = _compute_hash(written_starts, written, merged.row_bytes, temps.starts, bar, blocks)
         _write_json(temps.json, header := _header_dict(dtype, trail, offsets, digest, blocks, meta))
     return header
@@ -965,9 +987,11 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     message = f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to {computed}"
     if header.block_digests is None:
         raise ValueError(f"{message}; {files.dat.name} or {files.starts.name} is damaged or was changed")
-    blocks = _BlockDigests(header.block_bytes)  # only now: a second pass, to locate the damage
+    # only now, a second pass, to locate the damage: the blocks digested as the json says they were
+    blocks = _BlockDigests(header.piece_bytes or header.block_bytes)
     blocks.update(_as_bytes(data))
-    found = blocks.finish()
+    found = blocks.grouped(header.block_bytes // header.piece_bytes)["block_digests"] if header.piece_bytes \
+        else [f"{digest:016x}" for digest in blocks.pieces()]  # 1.0: each block's bytes digested whole
     if len(found) != len(header.block_digests):
         raise ValueError(f"{message}; the json lists {len(header.block_digests)} block digests where "
                          f"{files.dat.name} has {len(found)} blocks")
@@ -975,8 +999,8 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     if not bad:
         raise ValueError(f"{message}; every block of {files.dat.name} is intact, so {files.starts.name} or the "
                          "json's dtype or trail_dim differ from what was built")
-    items = _damaged_items(starts, header.row_bytes, bad, blocks.block_bytes)
-    raise ValueError(f"{message}; {files.dat.name} is damaged in {len(bad)} block(s) of {blocks.block_bytes} "
+    items = _damaged_items(starts, header.row_bytes, bad, header.block_bytes)
+    raise ValueError(f"{message}; {files.dat.name} is damaged in {len(bad)} block(s) of {header.block_bytes} "
                      f"bytes, holding items {items}: rebuild those")
 
 
@@ -1148,7 +1172,7 @@ class MapLoader:
         """The items' rows as one read-only mapped array of shape ``(rows, *trail_dim)``: the whole
         ``.dat``, or for a slice of a map its items' rows. No copy."""
         starts = self._open_array("_starts")
-        return self._data[starts[0]:starts[-1]]
+        return self._data if self._count == self._header.count else self._data[starts[0]:starts[-1]]
 
     @property
     def starts(self) -> np.ndarray:

@@ -90,7 +90,7 @@ def bench_build_memory(folder: Path, n_items: int) -> None:
     build = traced_peak(lambda: pm.build_map(items(), folder / "mem", progress=False))
     print(f"\nbuild peak memory: {n_items:,} items of 1 KiB streamed from a generator (tracemalloc)")
     print(f"  peak: build {build / 1e6:.1f} MB, consuming the generator alone {consume / 1e6:.3f} MB "
-          f"-> {(build - consume) / n_items:.1f} bytes per item beyond the items")
+          f"-> {(build - consume) / 1e6:.1f} MB beyond the items (one batch, whatever the count)")
 
 
 def main() -> None:

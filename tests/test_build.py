@@ -451,3 +451,15 @@ def test_dtype_rounds_floats_and_keeps_what_fits(in_tmp):
     assert_same_items(read_back("i16"), [np.array([1, 2], np.int16), np.array([3], np.int16)])
     with pytest.raises(TypeError, match="build_map: dtype object holds Python objects"):
         pm.build_map([[1]], "obj", progress=False, dtype=object)
+
+
+def test_a_bfloat16_tensor_without_ml_dtypes_names_the_item_and_the_fix(in_tmp):
+    pytest.importorskip("torch")
+    from test_load import run_python
+    script = ("import sys\nsys.modules['ml_dtypes'] = None  # as if it were not installed\n"
+              "import torch, picomap as pm\n"
+              "pm.build_map([torch.zeros(2), torch.zeros(3, dtype=torch.bfloat16)], 'toy', progress=False)")
+    result = run_python(script, in_tmp)
+    assert result.returncode != 0
+    assert "TypeError: item 1: torch.bfloat16 needs the ml_dtypes package: pip install ml_dtypes" in result.stderr
+    assert listing(in_tmp) == []

@@ -9,17 +9,19 @@ import xxhash
 import picomap as pm
 from conftest import LEGACY, read_json, tokens, write_json
 
-BLOCK = 256  # bytes; tests pick a small block so a small map has many
+BLOCK = 256  # bytes; tests pick small pieces so that a small map has many
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(pm, "BLOCK_BYTES", BLOCK)
+    monkeypatch.setattr(pm, "PIECE_BYTES", BLOCK)  # and at most 1,000 blocks: a block a piece here
 
 
-def independent_block_digests(dat: Path, block: int) -> list[str]:
+def independent_block_digests(dat: Path, piece: int, per_block: int = 1) -> list[str]:
+    """From the spec: xxh3_64 of each piece, then of each block's piece digests as little-endian uint64s."""
     data = dat.read_bytes()
-    return [xxhash.xxh3_64(data[k:k + block]).hexdigest() for k in range(0, len(data), block)]
+    pieces = [xxhash.xxh3_64(data[k:k + piece]).intdigest().to_bytes(8, "little") for k in range(0, len(data), piece)]
+    return [xxhash.xxh3_64(b"".join(pieces[k:k + per_block])).hexdigest() for k in range(0, len(pieces), per_block)]
 
 
 def flip(dat: Path, *offsets):
@@ -32,7 +34,7 @@ def flip(dat: Path, *offsets):
 def test_build_and_merge_record_the_digest_of_every_block(in_tmp, small_blocks):
     items = tokens(60)
     header = pm.build_map(items, "toy", progress=False)
-    assert header["block_bytes"] == BLOCK
+    assert header["block_bytes"] == header["piece_bytes"] == BLOCK
     assert header["block_digests"] == independent_block_digests(Path("toy.dat"), BLOCK)
     assert len(header["block_digests"]) > 10
     pm.build_map(items[:25], "a", progress=False)
@@ -44,7 +46,7 @@ def test_build_and_merge_record_the_digest_of_every_block(in_tmp, small_blocks):
 def test_block_size_does_not_change_the_content_hash(in_tmp, monkeypatch):
     hashes = set()
     for block in (1, 7, 4096, 64 << 20):
-        monkeypatch.setattr(pm, "BLOCK_BYTES", block)
+        monkeypatch.setattr(pm, "PIECE_BYTES", block)
         hashes.add(pm.build_map(tokens(30), f"m{block}", progress=False)["hash"])
     assert len(hashes) == 1
 
@@ -85,14 +87,14 @@ def test_maps_without_block_digests_get_the_plain_message(in_tmp):
 
 @pytest.mark.parametrize("change", [
     {"block_bytes": 0}, {"block_bytes": "64"}, {"block_digests": "abc"}, {"block_digests": ["xyz"]},
-    {"block_digests": None}, {"block_bytes": None},
+    {"block_digests": None}, {"block_bytes": None}, {"piece_bytes": 0}, {"piece_bytes": 3}, {"piece_bytes": "1"},
 ])
 def test_malformed_block_keys_are_refused(in_tmp, change):
     pm.build_map(tokens(5), "toy", progress=False)
     header = read_json("toy")
     header.update(change)
     write_json("toy", {k: v for k, v in header.items() if v is not None})
-    with pytest.raises(ValueError, match="toy.json: block_bytes must be a positive integer"):
+    with pytest.raises(ValueError, match="toy.json: (block_bytes must be a positive integer|piece_bytes must be)"):
         pm.get_loader_fn("toy")
 
 
@@ -103,4 +105,40 @@ def test_a_json_listing_too_many_blocks_is_reported(in_tmp, small_blocks):
     header["hash"] = "0" * 32
     write_json("toy", header)
     with pytest.raises(ValueError, match="the json lists .* block digests where toy.dat has"):
+        pm.verify_hash("toy", progress=False)
+
+
+def test_pieces_are_grouped_into_at_most_max_blocks(in_tmp, monkeypatch):
+    monkeypatch.setattr(pm, "PIECE_BYTES", 64)
+    monkeypatch.setattr(pm, "MAX_BLOCKS", 4)
+    items = [np.full(16, k, np.int32) for k in range(20)]  # 64 bytes an item: 20 pieces, 4 blocks of 5
+    header = pm.build_map(items, "toy", progress=False)
+    assert (header["block_bytes"], header["piece_bytes"]) == (320, 64)
+    assert header["block_digests"] == independent_block_digests(Path("toy.dat"), 64, per_block=5)
+    flip(Path("toy.dat"), 7 * 64 + 1)  # item 7, in block 1: items 5-9
+    with pytest.raises(ValueError, match="damaged in 1 block.s. of 320 bytes, holding items 5-9: rebuild"):
+        pm.verify_hash("toy", progress=False)
+
+
+def test_damage_is_located_to_a_mebibyte_in_a_small_map(in_tmp):
+    items = [np.full(1024, k, np.int32) for k in range(1024)]  # 4 KiB items, 4 MiB in all
+    header = pm.build_map(items, "toy", progress=False)
+    assert header["block_bytes"] == 1 << 20 and len(header["block_digests"]) == 4
+    flip(Path("toy.dat"), (2 << 20) + 12345, (2 << 20) + 99999)  # two bytes in the third MiB
+    with pytest.raises(ValueError, match="damaged in 1 block.s. of 1048576 bytes, holding items 512-767: rebuild"):
+        pm.verify_hash("toy", progress=False)
+
+
+def test_blocks_digested_whole_as_picomap_1_0_wrote_them_still_locate_damage(in_tmp):
+    items = [np.full(128, k, np.int32) for k in range(100)]  # 512 bytes an item
+    pm.build_map(items, "toy", progress=False)
+    header = read_json("toy")
+    del header["piece_bytes"]
+    data = Path("toy.dat").read_bytes()
+    header["block_bytes"], header["block_digests"] = 1024, [xxhash.xxh3_64(data[k:k + 1024]).hexdigest()
+                                                            for k in range(0, len(data), 1024)]
+    write_json("toy", header)
+    assert pm.verify_hash("toy", progress=False)
+    flip(Path("toy.dat"), 41 * 512)
+    with pytest.raises(ValueError, match="damaged in 1 block.s. of 1024 bytes, holding items 40-41: rebuild"):
         pm.verify_hash("toy", progress=False)

@@ -24,11 +24,11 @@ def pristine(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pristine")
     rng = np.random.default_rng(7)
     items = [rng.standard_normal((int(n), 3)).astype(">f4") for n in rng.integers(0, 6, 12)]
-    saved, pm.BLOCK_BYTES = pm.BLOCK_BYTES, 64
+    saved, pm.PIECE_BYTES = pm.PIECE_BYTES, 64
     try:
         pm.build_map(items, folder / "m", progress=False)
     finally:
-        pm.BLOCK_BYTES = saved
+        pm.PIECE_BYTES = saved
     return {suffix: (folder / f"m{suffix}").read_bytes() for suffix in SUFFIXES}
 
 

@@ -519,3 +519,25 @@ def test_served_items_never_overlap_and_stay_in_the_data(tmp_path_factory, lengt
             served.append((a, b))
         for a, b in served:
             assert all(b <= c or d <= a or (a, b) == (c, d) or a == b or c == d for c, d in served)
+
+
+def test_the_whole_maps_data_is_the_mapped_array_itself(toy):
+    import mmap
+    load, _ = pm.get_loader_fn("toy")
+    assert load.data is load.data and isinstance(load.data.base, mmap.mmap)  # e.g. to madvise it
+
+
+@pytest.mark.parametrize("version, keeps_fd", [((3, 11), True), ((3, 13), False)])
+def test_from_python_3_13_a_mapping_keeps_no_file_descriptor(toy, monkeypatch, version, keeps_fd):
+    import mmap
+    calls = []
+    real = mmap.mmap
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **{k: v for k, v in kwargs.items() if k != "trackfd"})
+    monkeypatch.setattr(mmap, "mmap", recording)
+    monkeypatch.setattr(sys, "version_info", version)
+    load, _ = pm.get_loader_fn("toy")
+    assert len(calls) == 2 and all(("trackfd" not in c) == keeps_fd for c in calls)
+    assert all(c.get("trackfd", True) is keeps_fd for c in calls)
