@@ -70,7 +70,7 @@ except ImportError:  # Windows: no flock; commits are still atomic per file
 
 __version__ = "1.1.0"
 __all__ = ["build_map", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array", "MapLoader",
-           "map_files", "main"]
+           "Sampler", "map_files", "main"]
 
 FORMAT_VERSION = 1
 # A json bigger than this is refused before parsing: a damaged or hostile file must not exhaust memory.
@@ -1229,6 +1229,169 @@ def get_loader_fn(path: str | os.PathLike) -> tuple[MapLoader, int]:
     """
     load = MapLoader(path)
     return load, len(load)
+
+
+# ---------------------------------------------------------------- sampling
+
+_SPLITMIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+_FEISTEL_ROUNDS = 4
+# Indices are computed this many at a time: small enough that memory stays under a megabyte,
+# large enough that numpy's per-call cost vanishes.
+SAMPLER_CHUNK = 4096
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64: each bit of x sways every bit of the result.
+    Integer arithmetic only, so the same on every machine and numpy version."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _SPLITMIX[0]
+    x = x ^ (x >> np.uint64(27))
+    x = x * _SPLITMIX[1]
+    return x ^ (x >> np.uint64(31))
+
+
+def _feistel(x: np.ndarray, keys: np.ndarray, half: int, inverse: bool = False) -> np.ndarray:
+    """A keyed bijection on range(4**half): a Feistel network of len(keys) rounds (keys is
+    (rounds,) or (rounds, len(x)), one key a round for every x)."""
+    mask = np.uint64((1 << half) - 1)
+    left, right = x >> np.uint64(half), x & mask
+    for key in (keys[::-1] if inverse else keys):
+        if inverse:
+            left, right = right ^ (_mix(left ^ key) & mask), left
+        else:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+    return (left << np.uint64(half)) | right
+
+
+def _permute(x: np.ndarray, size: int, keys: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """A keyed bijection on range(size), applied to each x: the Feistel network on the next power
+    of four, walked again from any value past size until it lands inside (Black and Rogaway's
+    cycle-walking). O(1) memory and O(1) time an index, about 2 steps on average."""
+    if size <= 1:
+        return x
+    half = max(1, ((size - 1).bit_length() + 1) // 2)
+    y = _feistel(x, keys, half, inverse)
+    outside = y >= np.uint64(size)
+    while outside.any():
+        y[outside] = _feistel(y[outside], keys[:, outside] if keys.ndim == 2 else keys, half, inverse)
+        outside = y >= np.uint64(size)
+    return y
+
+
+def _round_keys(*parts) -> np.ndarray:
+    """Round keys from the parts' text: xxhash, never numpy's random streams, which may change."""
+    text = "|".join(map(str, ("picomap.Sampler", *parts)))
+    return np.array([xxhash.xxh3_64_intdigest(f"{text}|{r}".encode()) for r in range(_FEISTEL_ROUNDS)], np.uint64)
+
+
+def _default_world() -> tuple[int, int]:
+    """torch.distributed's world size and rank where a process group is up, else (1, 0); picomap
+    never imports torch itself."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class Sampler:
+    """Shuffled, sharded, resumable indices in O(1) memory, for a DataLoader's ``sampler=``.
+
+    Each epoch's order is a sequence P, a permutation of ``range(n)`` that depends only on
+    ``(seed, epoch, n, block)`` (``range(n)`` itself when ``shuffle=False``), the same on every
+    rank, machine, Python and numpy version. With ``block=B > 1`` the items are cut into blocks of B
+    consecutive items (the last shorter), the blocks are shuffled, and P gives all of one block's
+    items, shuffled, before the next block's: mostly sequential reads of a map larger than memory.
+    Without ``drop_last`` P is padded to ``num_replicas * L`` by repeating its first items, with
+    ``L = ceil(n / num_replicas)``; with it, ``L = n // num_replicas``. Rank r yields
+    ``P[r*L + start:(r+1)*L]``, so ``len(sampler) == L - start``.
+
+    ``state_dict()`` says where this rank's current pass is; ``load_state_dict`` on a sampler made
+    with the same arguments makes the next ``iter()`` yield exactly what that pass had not yet
+    yielded; the epoch after starts afresh. ``set_epoch(epoch, start)`` does the same from a count
+    of indices you kept yourself. Cost: O(1) memory and time to the first index whatever n; P is
+    computed SAMPLER_CHUNK indices at a time.
+    """
+
+    def __init__(self, n_or_sized, *, shuffle: bool = True, seed: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None, drop_last: bool = False, block: int = 1):
+        n = n_or_sized if isinstance(n_or_sized, int) else len(n_or_sized)
+        world, own_rank = _default_world() if num_replicas is None or rank is None else (None, None)
+        num_replicas = operator.index(world if num_replicas is None else num_replicas)
+        rank = operator.index(own_rank if rank is None else rank)
+        if n < 0 or num_replicas < 1 or operator.index(block) < 1:
+            raise ValueError(f"Sampler: n ({n}) must be >= 0, num_replicas ({num_replicas}) and block ({block}) >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"Sampler: rank {rank} is outside range({num_replicas})")
+        self.n, self.shuffle, self.seed, self.block = n, bool(shuffle), operator.index(seed), operator.index(block)
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, bool(drop_last)
+        self.share = n // num_replicas if drop_last else -(-n // num_replicas)  # L
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Make the next passes those of ``epoch``, skipping this rank's first ``start`` indices, in O(1)."""
+        epoch, start = operator.index(epoch), operator.index(start)
+        if not 0 <= start <= self.share:
+            raise ValueError(f"Sampler: start {start} is outside 0..{self.share}, this rank's share of an epoch")
+        self.epoch, self.start, self.position = epoch, start, start
+
+    def __len__(self) -> int:
+        return self.share - self.start
+
+    def __iter__(self):
+        self.position = self.start
+        first = self.rank * self.share
+        for a in range(first + self.start, first + self.share, SAMPLER_CHUNK):
+            chunk = self.order(np.arange(a, min(a + SAMPLER_CHUNK, first + self.share), dtype=np.int64))
+            for index in chunk.tolist():
+                self.position += 1  # before the yield: a state_dict taken now counts this index as given
+                yield index
+        self.start = 0  # a pass resumed in the middle is over; the next one starts at the beginning
+
+    def order(self, positions: np.ndarray) -> np.ndarray:
+        """P[positions] for this epoch, positions past n wrapping around (the padding): int64."""
+        if self.n == 0:
+            return positions[:0]
+        j = (positions % self.n).astype(np.uint64)
+        if not self.shuffle:
+            out = j
+        elif self.block == 1:
+            out = _permute(j, self.n, _round_keys(self.seed, self.epoch, self.n, 1, "items"))
+        else:
+            out = self._block_order(j)
+        return out.astype(np.int64)
+
+    def _block_order(self, j: np.ndarray) -> np.ndarray:
+        B, blocks = self.block, -(-self.n // self.block)
+        last_size = self.n - (blocks - 1) * B
+        block_keys = _round_keys(self.seed, self.epoch, self.n, B, "blocks")
+        # where the shorter last block lands among the shuffled blocks: positions after it shift
+        at = int(_permute(np.array([blocks - 1], np.uint64), blocks, block_keys, inverse=True)[0])
+        start_of_last, B64 = np.uint64(at * B), np.uint64(B)
+        before, after = j < start_of_last, j >= start_of_last + np.uint64(last_size)
+        shifted = j - np.uint64(last_size) + B64  # for positions after it
+        slot = np.where(before, j // B64, np.where(after, shifted // B64, np.uint64(at)))
+        offset = np.where(before, j % B64, np.where(after, shifted % B64, j - start_of_last))
+        chosen = _permute(slot, blocks, block_keys)
+        item_keys = _mix(_round_keys(self.seed, self.epoch, self.n, B, "items")[:, None] ^ chosen[None, :])
+        in_last = chosen == np.uint64(blocks - 1)
+        offset[~in_last] = _permute(offset[~in_last], B, item_keys[:, ~in_last])
+        offset[in_last] = _permute(offset[in_last], last_size, item_keys[:, in_last])
+        return chosen * B64 + offset
+
+    def state_dict(self) -> dict:
+        """Where this rank's pass is, and what identifies the order: small, JSON-serialisable."""
+        return {"epoch": self.epoch, "yielded": self.position, "n": self.n, "seed": self.seed, "block": self.block,
+                "num_replicas": self.num_replicas, "rank": self.rank, "drop_last": self.drop_last,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()``: ValueError naming the first field that differs from this sampler's."""
+        mine = self.state_dict()
+        for key in ("n", "seed", "block", "num_replicas", "rank", "drop_last", "shuffle"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"Sampler: the state was saved with {key}={state.get(key)!r}, "
+                                 f"but this sampler has {key}={mine[key]!r}")
+        self.set_epoch(state["epoch"], start=state["yielded"])
 
 
 # ---------------------------------------------------------------- command line
