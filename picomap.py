@@ -101,6 +101,11 @@ MAX_BLOCKS = 1000
 # A loader checks the offsets of 2**CHECK_SHIFT items (128 KiB of them) the first time one of those
 # items is loaded, rather than all of them at open: opening stays O(1) and the offsets stay shared.
 CHECK_SHIFT = 14
+# access="auto" reads a map cold (exactly each item's pages, no readahead around them) when its .dat
+# is larger than this share of the memory the page cache may use: a map that fits is served from
+# memory after its first pass, one that does not is read from disk again and again, and readahead
+# around every random read would multiply the bytes read (by up to 2,000 here: 8 MiB for 4 KiB).
+COLD_ABOVE = 0.5
 
 
 # ---------------------------------------------------------------- paths and metadata
@@ -1024,7 +1029,14 @@ class MapLoader:
     __slots__ = ("_files", "_header", "_first", "_count", "_starts", "_data", "_begins", "_ends", "_chunks",
                  "_ready", "_checked", "_lock", "_lengths", "_rebased")
 
-    def __init__(self, path: str | os.PathLike):
+    def __new__(cls, path: str | os.PathLike | None = None, access: str = "auto"):
+        # A map read cold is served by a subclass, so that load(i) of a cached one stays as it is.
+        # (Unpickling calls this with no path: the pickled class is kept, and with it the choice.)
+        if cls is MapLoader and path is not None and _cold(path, access):
+            cls = _ColdMapLoader
+        return super().__new__(cls)
+
+    def __init__(self, path: str | os.PathLike, access: str = "auto"):
         self._open(path, expected_hash=None)
 
     def _open(self, path, expected_hash: str | None) -> None:
@@ -1100,7 +1112,7 @@ class MapLoader:
         if not 0 <= low <= high <= self._header.total_rows:
             raise ValueError(f"{self._files.starts}: items {self._first + first}-{self._first + end - 1} run from "
                              f"row {low} to {high}, outside 0-{self._header.total_rows}")
-        part = MapLoader.__new__(MapLoader)
+        part = type(self).__new__(type(self))
         part._serve(self._files, self._header, self._data, starts, self._first + first)
         return part
 
@@ -1144,6 +1156,11 @@ class MapLoader:
         if array is None:
             raise ValueError(f"{self.path}: the loader is closed")
         return array
+
+    @property
+    def access(self) -> str:
+        """How items are read: ``"cached"`` (a plain mapping) or ``"cold"`` (exactly each item's pages)."""
+        return "cached"
 
     @property
     def path(self) -> Path:
@@ -1220,14 +1237,101 @@ class MapLoader:
         return f"<picomap.MapLoader {os.fspath(self.path)!r}: {items} of {self.dtype} ({trail})>"
 
 
-def get_loader_fn(path: str | os.PathLike) -> tuple[MapLoader, int]:
+def _memory_for_page_cache() -> int:
+    """The machine's physical memory, or a container's limit (a cgroup's) where that is lower."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume the map fits
+        return 2**63
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):  # absent, or "max"
+            memory = min(memory, int(Path(limit).read_text()))
+    return memory
+
+
+def _cold(path, access: str) -> bool:
+    """Whether to read the map at path cold: as asked, or for "auto" if its .dat is larger than
+    COLD_ABOVE of the memory the page cache may use."""
+    if access not in ("auto", "cached", "cold"):
+        raise ValueError(f"picomap: access must be 'auto', 'cached' or 'cold', not {access!r}")
+    if not hasattr(mmap.mmap, "madvise"):  # Windows: no way to read exactly an item's pages
+        if access == "cold":
+            raise ValueError("picomap: access='cold' needs mmap.madvise, which this system lacks")
+        return False
+    if access != "auto":
+        return access == "cold"
+    try:
+        size = map_files(path).dat.stat().st_size
+    except OSError:  # missing: opening says so
+        return False
+    return size > COLD_ABOVE * _memory_for_page_cache()
+
+
+class _ColdMapLoader(MapLoader):
+    """A MapLoader for a map larger than memory. Its mapping is advised MADV_RANDOM, so that no
+    read brings in pages around it, and each load asks for exactly its item's pages with one
+    madvise(MADV_WILLNEED); ``__getitems__`` asks once for each run of adjacent items, so a batch
+    of a block-shuffled pass costs about one sequential read. Views stay views."""
+    __slots__ = ()
+
+    def _serve(self, files, header, data, starts, first) -> None:
+        super()._serve(files, header, data, starts, first)
+        if data.nbytes:
+            data.base.madvise(mmap.MADV_RANDOM)
+
+    def __call__(self, i, copy: bool = False) -> np.ndarray:
+        item = MapLoader.__call__(self, i)
+        if not isinstance(item, np.ndarray):  # load[a:b]: a loader, cold like this one
+            return item
+        if item.nbytes:
+            self._fetch([self._bytes_of(i)])
+        return item.copy() if copy else item
+
+    __getitem__ = __call__
+
+    def __getitems__(self, indices) -> list:
+        items = [MapLoader.__call__(self, i) for i in indices]
+        self._fetch(sorted(self._bytes_of(i) for i, item in zip(indices, items) if item.nbytes))
+        return items
+
+    def _bytes_of(self, i: int) -> tuple[int, int]:
+        """Where item i's bytes lie in the .dat: (start, end)."""
+        i = operator.index(i)
+        i += self._count if i < 0 else 0
+        return self._begins[i] * self._header.row_bytes, self._ends[i] * self._header.row_bytes
+
+    def _fetch(self, spans: list) -> None:
+        """One madvise(MADV_WILLNEED) for each run of spans (sorted) no more than a page apart."""
+        mapping, page = self._data.base, mmap.PAGESIZE
+        run_start, run_end = None, None
+        for start, end in spans + [(None, None)]:
+            if start is not None and run_end is not None and start <= run_end + page:
+                run_end = max(run_end, end)
+                continue
+            if run_start is not None:
+                aligned = run_start - run_start % page
+                mapping.madvise(mmap.MADV_WILLNEED, aligned, run_end - aligned)
+            run_start, run_end = start, end
+
+    @property
+    def access(self) -> str:
+        return "cold"
+
+
+def get_loader_fn(path: str | os.PathLike, *, access: str = "auto") -> tuple[MapLoader, int]:
     """Open the map at ``path`` once and return ``(load, N)``; see MapLoader for ``load``.
+
+    ``access`` says how items are read: ``"cached"``, a plain mapping, no system call per item (for
+    maps that fit in memory); ``"cold"``, exactly each item's pages and nothing around them (for
+    maps larger than memory, read in random order); ``"auto"`` (default), cold if the ``.dat`` is
+    larger than half the memory the page cache may use (the machine's, or a container's limit).
+    ``load.access`` says which it took; pickles keep it.
 
     Checks the json, the offsets' header and both ends, and the files' sizes, and raises
     ValueError (inconsistent or corrupt, naming the file and the problem) or FileNotFoundError.
     Cost: O(1) time and memory whatever the item count; the offsets and data are mapped, not read.
     """
-    load = MapLoader(path)
+    load = MapLoader(path, access=access)
     return load, len(load)
 
 
@@ -1339,9 +1443,10 @@ class Sampler:
 
     def __iter__(self):
         self.position = self.start
-        first = self.rank * self.share
-        for a in range(first + self.start, first + self.share, SAMPLER_CHUNK):
-            chunk = self.order(np.arange(a, min(a + SAMPLER_CHUNK, first + self.share), dtype=np.int64))
+        a, end, size = self.rank * self.share + self.start, (self.rank + 1) * self.share, 64
+        while a < end:  # chunks from 64 indices up to SAMPLER_CHUNK: the first index comes at once
+            chunk = self.order(np.arange(a, min(a + size, end), dtype=np.int64))
+            a, size = a + size, min(2 * size, SAMPLER_CHUNK)
             for index in chunk.tolist():
                 self.position += 1  # before the yield: a state_dict taken now counts this index as given
                 yield index

@@ -12,12 +12,13 @@ same run. Builds run in a forked child, so that the peak memory of each build ca
 Contenders:
   limit        build: np.concatenate + write + fsync + one xxh3_128 over the bytes; load: a bare
                slice of the mapped data with the offsets in a Python list; verify: one xxh3_128 pass
-  picomap      build_map / get_loader_fn / verify_hash (and picomap+random: MADV_RANDOM mapping)
+  picomap      build_map / get_loader_fn / verify_hash (and picomap-cold: access="cold")
   npy-files    one .npy per item (np.save; np.load with mmap_mode="r" for views, without for copies)
   h5py-vlen    one variable-length h5py dataset (items flattened; lengths kept beside)
   h5py-flat    one flat h5py dataset of rows plus an offsets dataset
   hf-datasets  Hugging Face datasets: from_generator + save_to_disk, load_from_disk, numpy format
-Cold runs drop the files from the page cache (posix_fadvise DONTNEED) before each round.
+Cold reads: each of 20 a round drops the files from the page cache (posix_fadvise DONTNEED, no mapping
+alive) and reopens them first, so that no read warms the next.
 """
 import argparse
 import gc
@@ -93,18 +94,16 @@ class Limit:
 class Picomap:
     name, has_view, can_verify = "picomap", True, True
 
-    def __init__(self, random_advice=False):
-        self.random_advice = random_advice
-        if random_advice:
-            self.name = "picomap+random"
+    def __init__(self, access="cached"):
+        self.access = access
+        if access == "cold":
+            self.name = "picomap-cold"
 
     def build(self, items, folder):
         pm.build_map(items, folder / "map", progress=False)
 
     def open(self, folder):
-        load, n = pm.get_loader_fn(folder / "map")
-        if self.random_advice and load.data.nbytes:
-            load.data.base.madvise(__import__("mmap").MADV_RANDOM)
+        load, n = pm.get_loader_fn(folder / "map", access=self.access)
         return Reader(load, lambda i: load(i, copy=True), n, load)
 
     def verify(self, folder):
@@ -202,7 +201,7 @@ class Reader:
         self.iterate = iterate or (lambda: (copy(i) for i in range(n)))
 
 
-CONTENDERS = [Limit(), Picomap(), Picomap(random_advice=True), NpyFiles(), H5Vlen(), H5Flat(), HFDatasets()]
+CONTENDERS = [Limit(), Picomap(), Picomap(access="cold"), NpyFiles(), H5Vlen(), H5Flat(), HFDatasets()]
 
 
 # ---------------------------------------------------------------- measuring
@@ -274,14 +273,21 @@ def measure(contender, items, folder, rng, reads):
     figures["pass s"], _ = timed(lambda: sum(x.size for x in reader.iterate()))
     if contender.can_verify:
         figures["verify s"], _ = timed(lambda: contender.verify(folder))
-    reader = None  # close the mapping before the cache is dropped: mapped pages stay cached
+    reader = None
+    cold_us = []
+    for i in indices[:COLD_READS]:  # each read from a dropped cache: one read must not warm the next
+        gc.collect()  # no mapping of the files alive, or their pages stay cached
+        drop_from_page_cache(folder)
+        cold = contender.open(folder)
+        cold_us.append(per_item_us(cold.copy, [i]))
+        cold = None
     gc.collect()
-    drop_from_page_cache(folder)
-    cold = contender.open(folder)
-    figures["cold copy us"] = per_item_us(cold.copy, indices[:max(1, reads // 10)])
-    cold = None
-    gc.collect()
+    figures["cold copy us"] = statistics.median(cold_us)
     return figures
+
+
+# Cold reads a round: each drops the page cache and reopens the map first.
+COLD_READS = 20
 
 
 # A contender whose build takes longer than this in round 1 is measured in round 1 only (marked *):

@@ -13,7 +13,6 @@ in the same run. Medians of --rounds opens; the others are measured once.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -41,6 +41,25 @@ def tokens(n_items=50, seed=0, dtype=np.int32):
     return [rng.integers(0, 1000, int(n)).astype(dtype) for n in rng.integers(0, 30, n_items)]
 
 
+def traced_peak(work) -> int:
+    """The peak of Python's and numpy's allocations while work() runs (tracemalloc)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def anonymous_bytes() -> int:
+    """This process's anonymous memory (Linux): what it holds privately, file-backed pages apart."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Anonymous line in /proc/self/smaps_rollup")
+
+
 def listing(folder) -> list[str]:
     """Every file under folder, relative, sorted: what a test asserts is left on disk."""
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import picomap as pm
-from conftest import listing, oracle_hash, read_json, snapshot, tokens
+from conftest import listing, oracle_hash, read_json, snapshot, tokens, traced_peak
 
 MAP_FILES = ["toy.dat", "toy.json", "toy.starts.npy"]
 
@@ -381,16 +381,6 @@ def test_torch_dtypes_numpy_cannot_hold_are_refused_naming_the_item(in_tmp):
 
 
 # ---------------------------------------------------------------- bounded memory, whatever the items
-
-def traced_peak(work) -> int:
-    import tracemalloc
-    tracemalloc.start()
-    try:
-        work()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
 
 @pytest.mark.parametrize("make", [lambda k: np.zeros(0, np.int8), lambda k: np.full(1, k % 100, np.int8)])
 def test_build_memory_is_one_batch_whatever_the_count(in_tmp, make):

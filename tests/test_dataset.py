@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import picomap as pm
-from conftest import tokens
+from conftest import anonymous_bytes, tokens
 from test_load import write_flat_map
 
 torch = pytest.importorskip("torch")
@@ -150,13 +150,6 @@ def test_a_pickle_opens_the_same_map_from_another_folder(toy, tmp_path):
 
 
 # ---------------------------------------------------------------- workers share the offsets
-
-def anonymous_bytes() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("Anonymous:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no Anonymous line")
-
 
 class WorkerMemory:
     """A dataset over a loader whose items are the worker's anonymous memory once it has loaded them."""

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import picomap as pm
-from conftest import LEGACY, listing, oracle_hash, read_json, snapshot, tokens
+from conftest import LEGACY, listing, oracle_hash, read_json, snapshot, tokens, traced_peak
 from test_cli import run
 from test_load import run_python
 
@@ -239,17 +239,11 @@ def test_a_thousand_shards_merge_under_a_256_file_limit(in_tmp):
 
 
 def test_merge_memory_does_not_grow_with_the_count(in_tmp):
-    import tracemalloc
     peaks = []
     for n in (200_000, 800_000):
         for k in range(2):
             pm.build_map((np.full(k, 1, np.int8) for _ in range(n // 2)), f"part{n}-{k}", progress=False)
-        tracemalloc.start()
-        try:
-            pm.merge_maps([f"part{n}-0", f"part{n}-1"], f"merged{n}", progress=False)
-            peaks.append(tracemalloc.get_traced_memory()[1])
-        finally:
-            tracemalloc.stop()
+        peaks.append(traced_peak(lambda: pm.merge_maps([f"part{n}-0", f"part{n}-1"], f"merged{n}", progress=False)))
     assert peaks[1] < 16 << 20 and peaks[1] < peaks[0] + (1 << 20)  # before: 8 bytes an item, and more
     assert pm.verify_hash("merged800000", progress=False)
 

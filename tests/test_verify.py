@@ -8,7 +8,7 @@ import pytest
 import xxhash
 
 import picomap as pm
-from conftest import LEGACY, LEGACY_NAMES, oracle_hash, read_json, tokens, write_json
+from conftest import LEGACY, LEGACY_NAMES, oracle_hash, read_json, tokens, traced_peak, write_json
 
 
 
@@ -193,14 +193,8 @@ def test_plain_dtypes_keep_the_0_1_frame_and_others_use_v2():
 
 
 def test_verify_memory_is_one_batch_whatever_the_count(in_tmp):
-    import tracemalloc
     peaks = []
     for n in (100_000, 400_000):
         pm.build_map((np.full(1, k % 100, np.int8) for k in range(n)), f"m{n}", progress=False)
-        tracemalloc.start()
-        try:
-            assert pm.verify_hash(f"m{n}", progress=False)
-            peaks.append(tracemalloc.get_traced_memory()[1])
-        finally:
-            tracemalloc.stop()
+        peaks.append(traced_peak(lambda: pm.verify_hash(f"m{n}", progress=False)))
     assert peaks[1] < 16 << 20 and peaks[1] < peaks[0] + (1 << 20)  # before: 52 MB, and growing
