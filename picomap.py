@@ -1418,7 +1418,7 @@ class Sampler:
 
     def __init__(self, n_or_sized, *, shuffle: bool = True, seed: int = 0, num_replicas: int | None = None,
                  rank: int | None = None, drop_last: bool = False, block: int = 1):
-        n = n_or_sized if isinstance(n_or_sized, int) else len(n_or_sized)
+        n = len(n_or_sized) if hasattr(n_or_sized, "__len__") else operator.index(n_or_sized)
         world, own_rank = _default_world() if num_replicas is None or rank is None else (None, None)
         num_replicas = operator.index(world if num_replicas is None else num_replicas)
         rank = operator.index(own_rank if rank is None else rank)

@@ -104,6 +104,9 @@ def test_n_may_be_anything_with_a_length(in_tmp):
     pm.build_map([[k] for k in range(37)], "toy", progress=False)
     load, _ = pm.get_loader_fn("toy")
     assert len(pm.Sampler(load)) == 37 and sorted(pm.Sampler(load[5:])) == list(range(32))
+    assert len(pm.Sampler(np.int64(37))) == 37
+    with pytest.raises(TypeError):
+        pm.Sampler(37.0)
 
 
 # ---------------------------------------------------------------- resuming
