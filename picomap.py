@@ -476,9 +476,7 @@ class _OffsetsFile:
     def append(self, offsets: np.ndarray) -> None:
         """Add offsets (int64, never decreasing, from self.end on)."""
         self.handle.write(offsets.astype("<u8"))
-        self.count += len(offsets)
-        if len(offsets):
-            self.end = int(offsets[-1])
+        self.count, self.end = self.count + len(offsets), int(offsets[-1])
 
     def finish(self) -> None:
         self.handle.seek(0)
@@ -706,7 +704,7 @@ class _ItemWriter:
                 self._append(np.empty((0, *self.trail), self.dtype))
             return
         arr = _as_array(index, item)
-        if self.target is not None and arr.dtype != self.target and not arr.dtype.hasobject:
+        if self.target is not None and not arr.dtype.hasobject:
             arr = _converted(index, arr, self.target)
         if self.dtype is None:
             self._fix_layout(index, arr)
@@ -748,13 +746,12 @@ class _ItemWriter:
         self.offsets.append(np.cumsum(lengths) + self.offsets.end)
 
     def finish(self, meta: dict) -> dict:
-        if self.dtype is None and self.untyped_empties:  # only empty lists: numpy's float64, like np.asarray([])
-            self._fix_layout(0, np.empty(0, self.target or np.float64))
+        if self.dtype is None:  # no item, or only empty lists: dtype= or numpy's float64, like np.asarray([])
+            self._fix_layout(0, np.empty(0, self.target or _EMPTY_LAYOUT[0]))
         self.flush()
         self.offsets.finish()
         self.hash.update(_MAP_TAIL)
-        dtype, trail = (self.dtype, self.trail) if self.dtype is not None else (self.target or _EMPTY_LAYOUT[0], ())
-        return _header_dict(dtype, trail, self.offsets, self.hash.hexdigest(), self.blocks, meta)
+        return _header_dict(self.dtype, self.trail, self.offsets, self.hash.hexdigest(), self.blocks, meta)
 
 
 def _checked_meta(meta: dict | None, function: str) -> dict:
@@ -1116,9 +1113,12 @@ class MapLoader:
         part._serve(self._files, self._header, self._data, starts, self._first + first)
         return part
 
+    def _closed(self) -> Exception:
+        return ValueError(f"{self.path}: the loader is closed")
+
     def _index_error(self, i) -> Exception:
         if self._data is None:
-            return ValueError(f"{self.path}: the loader is closed")
+            return self._closed()
         try:
             operator.index(i)
         except TypeError:
@@ -1154,7 +1154,7 @@ class MapLoader:
     def _open_array(self, name: str):
         array = getattr(self, name)
         if array is None:
-            raise ValueError(f"{self.path}: the loader is closed")
+            raise self._closed()
         return array
 
     @property
@@ -1544,7 +1544,7 @@ def _length_stats(starts: np.ndarray, where: Path) -> str:
 
 def _info(path: str, full_meta: bool) -> None:
     with MapLoader(path) as load:
-        stats = _length_stats(load.starts, load._files.starts)
+        stats = _length_stats(load.starts, map_files(load.path).starts)
         meta = json.dumps(load.meta)
         if len(meta) > 200 and not full_meta:
             meta = f"{meta[:200]}... ({len(meta):,} characters; --full-meta shows all)"
