@@ -21,7 +21,16 @@ File format. A map at base path ``B`` is three files; a reader may rely on all o
     1.1 the xxh3_64 hexdigest of the little-endian uint64 xxh3_64 digests of the block's
     ``piece_bytes`` pieces (at most 1,000 blocks, pieces of 1 MiB); without ``piece_bytes`` (1.0),
     the xxh3_64 hexdigest of the block's bytes. Maps of picomap 0.1 lack these keys; they read as
-    version 1 with ``{}`` and no block digests.
+    version 1 with ``{}`` and no block digests. Since 1.2, ``text``: ``"str"`` or ``"bytes"`` for
+    a map of text items, each stored as its UTF-8 bytes (a bytes item as itself): dtype uint8, no
+    trailing shape.
+
+Sets. Dict items make a set at ``B``: ``B.json`` and, in the folder ``B.fields/BUILD``, one map
+as above per field (``B.fields/BUILD/audio.dat`` ...), which opens on its own. ``B.json`` holds
+``fields`` (each field's name mapped to its map's hash, in item 0's key order), ``build`` (12 hex
+digits: the folder), ``count``, ``hash``, ``creation_time``, ``format_version`` and ``meta``. A
+field's name is its map's file name: 1 to 100 of ``A-Za-z0-9_.-``, not starting with ``.`` or
+``-``, not ending ``.dat``, ``.json`` or ``.starts.npy``.
 
 Content hash. xxh3_128 (seed 0) over the byte stream ``b"D|v1|"``, then a frame for each item,
 then ``b"D|end|"``; stored as ``hexdigest()``. An item's frame is its dtype's tag, its ndim as one
@@ -30,10 +39,16 @@ little-endian int64, its shape as little-endian int64s and its C-order bytes. Th
 (every plain numeric, bool, datetime, bytes, str and void dtype: picomap 0.1's frame), else
 ``b"A|v2|"``, the length of the json's ``dtype`` text as a little-endian int64 and that text
 (structured dtypes, whose ``dtype.str`` is ``"|V8"`` whatever their fields, and ml_dtypes types).
-The hash depends only on the items: never on time, paths or how the bytes were chunked.
+A text map's stream ends ``b"D|str|end|"`` (or ``b"D|bytes|end|"``) instead, so its json's
+``text`` is covered too. A set's hash is xxh3_128 over ``b"S|v1|"``, then for each field in name
+order the length of its UTF-8 name as a little-endian int64, the name and the field's hash as 16
+bytes, then ``b"S|end|"``. The hash depends only on the items: never on time, paths, the order of
+a dict's keys or how the bytes were chunked.
 
 A build writes uniquely named temporary files beside the map, fsyncs them, renames them into
-place with the json last and fsyncs the folder, so a reader sees the old map or the new one.
+place with the json last and fsyncs the folder, so a reader sees the old map or the new one. A
+set's build writes its fields into a new ``BUILD`` folder, then renames its json into place: that
+one rename commits every field at once. The fields it replaced are deleted after.
 """
 
 from __future__ import annotations
@@ -50,11 +65,13 @@ import operator
 import os
 import re
 import secrets
+import shutil
 import stat
 import struct
 import sys
 import threading
 import time
+import weakref
 from array import array
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -68,9 +85,9 @@ try:
 except ImportError:  # Windows: no flock; commits are still atomic per file
     fcntl = None
 
-__version__ = "1.1.0"
-__all__ = ["build_map", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array", "MapLoader",
-           "Sampler", "map_files", "main"]
+__version__ = "1.2.0"
+__all__ = ["build_map", "MapWriter", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array",
+           "MapLoader", "Sampler", "map_files", "main"]
 
 FORMAT_VERSION = 1
 # A json bigger than this is refused before parsing: a damaged or hostile file must not exhaust memory.
@@ -86,9 +103,12 @@ BATCH_ITEMS = 1 << 16
 # one buffer (cheaper than two Python calls an item); larger ones are fed to xxhash where they lie.
 FRAME_COPY_BELOW = 1024
 _MAP_HEAD, _MAP_TAIL, _ITEM_TAG, _ITEM_TAG_V2 = b"D|v1|", b"D|end|", b"A|v1|", b"A|v2|"
+_SET_HEAD, _SET_TAIL = b"S|v1|", b"S|end|"
 _REQUIRED_KEYS = ("trail_dim", "hash", "dtype", "count", "total_rows")
 _EMPTY_LAYOUT = (np.dtype(np.float64), ())  # what a map of no items records; no item depends on it
 _SUFFIXES = (".dat", ".starts.npy", ".json")
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+_TEXT_KINDS = {str: "str", bytes: "bytes"}  # what a text map's json may say its items are
 # Names numpy knows only once ml_dtypes is imported (bfloat16, float8_e4m3fn, int4, ...).
 _ML_DTYPE_NAME = re.compile(r"bfloat16|b?complex32|float[468]_e\w+|u?int[124]")
 # os.copy_file_range moves at most this much per call, so that the progress bar moves too.
@@ -177,6 +197,11 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdef" for c in text)
 
 
+def _is_build(name: Any) -> bool:
+    """A set's build tag, which names its fields' folder: 12 lowercase hex digits."""
+    return isinstance(name, str) and len(name) == 12 and _is_hex(name)
+
+
 def _is_count(value: Any) -> bool:
     """A non-negative int that fits the int64/uint64 arithmetic numpy does with it."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
@@ -193,13 +218,28 @@ class Header(NamedTuple):
     block_bytes: int | None = None  # None for maps written before block digests (0.1)
     block_digests: list | None = None
     piece_bytes: int | None = None  # None for blocks digested whole (1.0)
+    text: str | None = None  # "str" or "bytes" for a map of text items
 
     @property
     def row_bytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.trail_dim)
 
 
-def _read_header(json_file: Path, handle) -> Header:
+class SetHeader(NamedTuple):
+    """What a set's json says, checked."""
+    fields: dict  # field name -> the hash its map's json must hold, in the items' key order
+    build: str  # the folder, under NAME.fields, that holds this build's field maps
+    count: int
+    hash: str
+    meta: dict
+
+
+def _is_field_name(name: Any) -> bool:
+    """A field's name is its map's file name: plain characters, and no suffix of a map's files."""
+    return isinstance(name, str) and bool(_FIELD_NAME.fullmatch(name)) and not name.endswith(_SUFFIXES)
+
+
+def _read_json(json_file: Path, handle) -> dict:
     size = os.fstat(handle.fileno()).st_size
     if size > MAX_JSON_BYTES:
         raise ValueError(f"{json_file}: {size} bytes is more than a picomap json may hold ({MAX_JSON_BYTES})")
@@ -209,15 +249,16 @@ def _read_header(json_file: Path, handle) -> Header:
         raise ValueError(f"{json_file}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{json_file}: holds a JSON {type(raw).__name__}, not an object")
-    missing = [key for key in _REQUIRED_KEYS if key not in raw]
+    return raw
+
+
+def _check_keys(json_file: Path, raw: dict, required: tuple) -> tuple[str, dict]:
+    """The checks a map's json and a set's share; returns the hash and meta."""
+    missing = [key for key in required if key not in raw]
     if missing:
         raise ValueError(f"{json_file}: missing key(s) {', '.join(missing)}")
-    for key in ("count", "total_rows"):
-        if not _is_count(raw[key]):
-            raise ValueError(f"{json_file}: {key} must be a non-negative integer, not {raw[key]!r}")
-    trail = raw["trail_dim"]
-    if not isinstance(trail, list) or not all(_is_count(d) for d in trail):
-        raise ValueError(f"{json_file}: trail_dim must be a list of non-negative integers, not {trail!r}")
+    if not _is_count(raw["count"]):
+        raise ValueError(f"{json_file}: count must be a non-negative integer, not {raw['count']!r}")
     digest = raw["hash"]
     if not (isinstance(digest, str) and len(digest) == 32 and _is_hex(digest)):
         raise ValueError(f"{json_file}: hash must be 32 lowercase hex digits, not {digest!r}")
@@ -228,6 +269,16 @@ def _read_header(json_file: Path, handle) -> Header:
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         raise ValueError(f"{json_file}: meta must be a JSON object, not {type(meta).__name__}")
+    return digest, meta
+
+
+def _read_header(json_file: Path, raw: dict) -> Header:
+    digest, meta = _check_keys(json_file, raw, _REQUIRED_KEYS)
+    if not _is_count(raw["total_rows"]):
+        raise ValueError(f"{json_file}: total_rows must be a non-negative integer, not {raw['total_rows']!r}")
+    trail = raw["trail_dim"]
+    if not isinstance(trail, list) or not all(_is_count(d) for d in trail):
+        raise ValueError(f"{json_file}: trail_dim must be a list of non-negative integers, not {trail!r}")
     block_bytes, blocks = raw.get("block_bytes"), raw.get("block_digests")
     if (block_bytes is None) != (blocks is None) or blocks is not None and not (
             _is_count(block_bytes) and block_bytes > 0 and isinstance(blocks, list)
@@ -238,8 +289,24 @@ def _read_header(json_file: Path, handle) -> Header:
     if pieces is not None and not (blocks is not None and _is_count(pieces) and pieces > 0
                                    and block_bytes % pieces == 0):
         raise ValueError(f"{json_file}: piece_bytes must be a positive integer that divides block_bytes")
-    return Header(_dtype_from_json(raw["dtype"], json_file), tuple(trail), raw["count"],
-                  raw["total_rows"], digest, meta, block_bytes, blocks, pieces)
+    dtype, text = _dtype_from_json(raw["dtype"], json_file), raw.get("text")
+    if text is not None and (text not in _TEXT_KINDS.values() or dtype != np.uint8 or trail):
+        raise ValueError(f"{json_file}: text must be \"str\" or \"bytes\", and only for uint8 items of no "
+                         f"trailing shape, not {text!r} for {dtype} {tuple(trail)}")
+    return Header(dtype, tuple(trail), raw["count"], raw["total_rows"], digest, meta, block_bytes, blocks,
+                  pieces, text)
+
+
+def _read_set_header(json_file: Path, raw: dict) -> SetHeader:
+    digest, meta = _check_keys(json_file, raw, ("fields", "build", "hash", "count"))
+    fields, build = raw["fields"], raw["build"]
+    if not (isinstance(fields, dict) and fields and all(
+            _is_field_name(name) and isinstance(h, str) and len(h) == 32 and _is_hex(h) for name, h in fields.items())):
+        raise ValueError(f"{json_file}: fields must map field names (letters, digits, _ . -) to 32-hex-digit "
+                         "hashes")
+    if not _is_build(build):
+        raise ValueError(f"{json_file}: build must be 12 hex digits, not {build!r}")
+    return SetHeader(fields, build, raw["count"], digest, meta)
 
 
 def _map_file(handle) -> mmap.mmap:
@@ -368,16 +435,52 @@ def _identity(handle) -> tuple:
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
-def _open_map(path: str | os.PathLike) -> OpenedMap:
-    """Open, check and map the map at path, in O(1) time and memory whatever its item count."""
+class OpenedSet(NamedTuple):
+    files: MapFiles  # only its json is the set's own file
+    header: SetHeader
+    fields: dict  # field name -> OpenedMap
+
+
+def _fields_folder(files: MapFiles) -> Path:
+    """The folder under which a set keeps each build's field maps: NAME.fields beside NAME.json."""
+    return files.json.with_name(files.json.name.removesuffix(".json") + ".fields")
+
+
+def _open(path: str | os.PathLike) -> OpenedMap | OpenedSet:
+    """Open, check and map the map or set at path, in O(1) time and memory whatever its item count."""
     files = map_files(path)
+    # one shared lock for all the files, the fields' too: a commit waits for it, so they are one build's
     with _folder_lock(files.json.parent, exclusive=False):
         with _open_file(files.json) as handle:
-            header = _read_header(files.json, handle)
+            raw = _read_json(files.json, handle)
+        if "fields" in raw:
+            return _open_set(files, _read_set_header(files.json, raw))
+        header = _read_header(files.json, raw)
         with _open_file(files.starts) as handle:
             starts = _map_starts(files.starts, handle, header)
         with _open_file(files.dat) as handle:  # size check and mapping on one handle: one file, never two
             return OpenedMap(files, header, starts, _map_rows(handle, files, header), _identity(handle))
+
+
+def _open_map(path: str | os.PathLike) -> OpenedMap:
+    """_open for a single map: ValueError if path holds a set."""
+    opened = _open(path)
+    if isinstance(opened, OpenedSet):
+        raise ValueError(f"{opened.files.json}: a set of fields, where a single map was expected")
+    return opened
+
+
+def _open_set(files: MapFiles, header: SetHeader) -> OpenedSet:
+    folder = _fields_folder(files) / header.build
+    fields = {}
+    for name, digest in header.fields.items():
+        field = _open_map(folder / name)
+        if field.header.hash != digest or field.header.count != header.count:
+            raise ValueError(f"{files.json}: field {name!r} ({field.files.json}) holds {field.header.count} items "
+                             f"of hash {field.header.hash}, not the {header.count} of hash {digest} the set "
+                             "records: it comes from another build")
+        fields[name] = field
+    return OpenedSet(files, header, fields)
 
 
 # ---------------------------------------------------------------- atomic commit
@@ -397,54 +500,116 @@ def _claim(path: Path) -> int:
     return fd
 
 
+def _is_held(path: Path) -> bool:
+    """Whether some process holds a flock on path (its build is alive)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _live_tags(files: MapFiles) -> tuple[set, dict]:
+    """The tags of the builds of this map whose process is alive (it holds a flock on one of its
+    temporaries), and of the abandoned ones (a SIGKILL, a power cut): (live, abandoned)."""
+    found: dict[str, list[Path]] = {}
+    for final in files:
+        for temp in files.dat.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+            found.setdefault(temp.name[len(final.name) + 2:-len(".tmp")], []).append(temp)
+    live = {tag for tag, temps in found.items() if any(_is_held(t) for t in temps)}
+    return live, {tag: found[tag] for tag in found.keys() - live}
+
+
 def _remove_abandoned(files: MapFiles) -> None:
-    """Delete temporaries of builds of this map whose process is gone (a SIGKILL, a power cut):
-    their flock is free. Those of live builds keep theirs and are left alone."""
+    """Delete the temporaries of builds of this map whose process is gone; those of live builds
+    keep their flock and are left alone. (A set's abandoned field folders go at its next commit.)"""
     if fcntl is None:  # no way to tell a live build from a dead one
         return
-    for stale in files.dat.parent.glob(f".{glob.escape(files.dat.name)}.*.tmp"):
-        tag = stale.name[len(files.dat.name) + 2:-len(".tmp")]
-        try:
-            fd = os.open(stale, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: its build is alive
-            continue
-        else:
-            for temp in files:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp.with_name(f".{temp.name}.{tag}.tmp"))
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _staged(files: MapFiles):
-    """Yield unique temporary paths beside ``files``; on a clean exit rename them into place, json last.
-
-    On any exception (Ctrl-C too) remove them and re-raise: whatever map was at ``files`` is untouched.
-    A process killed outright leaves its temporaries; the next build of the same map removes them.
-    """
-    _remove_abandoned(files)
-    tag = secrets.token_hex(6)
-    temps = MapFiles(*(p.with_name(f".{p.name}.{tag}.tmp") for p in files))
-    claim = _claim(temps.dat)
-    try:
-        yield temps
-        with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
-            for temp, final in zip(temps, files):
-                os.replace(temp, final)
-            if folder_fd is not None:  # make the renames themselves durable
-                os.fsync(folder_fd)
-    except BaseException:
+    for temps in _live_tags(files)[1].values():
         for temp in temps:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
-        raise
+
+
+class _Staging:
+    """One build's temporaries beside the map at ``files`` (and, for a set, its field folder):
+    ``commit()`` renames them into place, json last; ``discard()`` removes them. Whatever map was at
+    ``files`` is untouched until the commit, and replaced at once by it.
+
+    A process killed outright leaves its temporaries; the next build of the same map removes them.
+    """
+
+    def __init__(self, files: MapFiles, is_set: bool):
+        files.json.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(files)
+        self.files, self.tag, self.is_set = files, secrets.token_hex(6), is_set
+        self.temps = MapFiles(*(p.with_name(f".{p.name}.{self.tag}.tmp") for p in files))
+        # held while this process lives: how a later build tells a live build's files from abandoned ones
+        self.claim: int | None = _claim(self.temps.json if is_set else self.temps.dat)
+        self.folder = _fields_folder(files) / self.tag if is_set else None  # the set's field maps
+
+    def commit(self, header: dict) -> None:
+        _write_json(self.temps.json, header)
+        try:
+            if self.is_set:  # the field maps' files were fsynced; now their names
+                _fsync_folder(self.folder)
+                _fsync_folder(self.folder.parent)
+            renames = [(self.temps.json, self.files.json)] if self.is_set else zip(self.temps, self.files)
+            with _folder_lock(self.files.json.parent, exclusive=True) as folder_fd:
+                for temp, final in renames:
+                    os.replace(temp, final)
+                if folder_fd is not None:  # make the renames themselves durable
+                    os.fsync(folder_fd)
+                self._remove_replaced()
+        except BaseException:
+            self.discard()
+            raise
+        self._release()
+
+    def _remove_replaced(self) -> None:
+        """With the folder locked, delete what the map now at files no longer uses: a plain map's
+        .dat and offsets if a set replaced it, and the field folders of every other build that is
+        not alive (the one replaced, and those of builds killed after committing)."""
+        if self.is_set:
+            for stale in (self.files.dat, self.files.starts):
+                with contextlib.suppress(OSError):
+                    os.unlink(stale)
+        folder = _fields_folder(self.files)
+        if not folder.is_dir():
+            return
+        live = _live_tags(self.files)[0] if fcntl is not None else None
+        for build in folder.iterdir():  # only folders named as builds name them: never a user's own
+            if _is_build(build.name) and build.name != self.tag and live is not None and build.name not in live:
+                shutil.rmtree(build, ignore_errors=True)
+        with contextlib.suppress(OSError):  # gone if empty, as when a plain map replaced a set
+            folder.rmdir()
+
+    def discard(self) -> None:
+        for temp in self.temps:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self.claim is not None:
+            os.close(self.claim)
+            self.claim = None
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        os.close(claim)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -489,12 +654,26 @@ def _write_json(path: Path, header: dict) -> None:
         handle.write(json.dumps(header).encode())
 
 
-def _header_dict(dtype: np.dtype, trail: tuple, offsets: _OffsetsFile, digest: str, blocks, meta: dict) -> dict:
+def _header_dict(dtype: np.dtype, trail: tuple, offsets: _OffsetsFile, digest: str, blocks, meta: dict,
+                 text: str | None = None) -> dict:
     # The 0.1 keys first, with their 0.1 meanings, so a 0.1 reader still loads the map.
-    return {"trail_dim": list(trail), "hash": digest,
-            "creation_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dtype": _dtype_to_json(dtype), "count": offsets.count - 1, "total_rows": offsets.end,
-            "format_version": FORMAT_VERSION, "meta": meta, **blocks.grouped()}
+    header = {"trail_dim": list(trail), "hash": digest, "creation_time": _now(), "dtype": _dtype_to_json(dtype),
+              "count": offsets.count - 1, "total_rows": offsets.end, "format_version": FORMAT_VERSION, "meta": meta,
+              **blocks.grouped()}
+    if text is not None:
+        header["text"] = text
+    return header
+
+
+def _set_header_dict(fields: dict, build: str, meta: dict) -> dict:
+    """A set's json, from its fields' jsons (in the items' key order)."""
+    hashes = {name: field["hash"] for name, field in fields.items()}
+    return {"fields": hashes, "build": build, "count": next(iter(fields.values()))["count"],
+            "hash": _set_hash(hashes), "creation_time": _now(), "format_version": FORMAT_VERSION, "meta": meta}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---------------------------------------------------------------- hashing
@@ -516,6 +695,21 @@ def _dtype_tag(dtype: np.dtype) -> bytes:
 
 def _item_header(dtype: np.dtype, shape: tuple) -> bytes:
     return _dtype_tag(dtype) + struct.pack(f"<{len(shape) + 1}q", len(shape), *shape)
+
+
+def _map_tail(text: str | None) -> bytes:
+    """The end of a map's hashed stream: for text maps it also says which text, str or bytes."""
+    return _MAP_TAIL if text is None else b"D|" + text.encode() + _MAP_TAIL[1:]
+
+
+def _set_hash(fields: dict) -> str:
+    """A set's hash: xxh3_128 of its fields' names and hashes, in name order, framed."""
+    h = xxhash.xxh3_128(_SET_HEAD)
+    for name in sorted(fields):
+        encoded = name.encode()
+        h.update(struct.pack("<q", len(encoded)) + encoded + bytes.fromhex(fields[name]))
+    h.update(_SET_TAIL)
+    return h.hexdigest()
 
 
 def update_hash_with_array(h, arr) -> Any:
@@ -684,26 +878,34 @@ def _bad_item(index: int, arr: np.ndarray, dtype: np.dtype, trail: tuple) -> Exc
 
 
 class _ItemWriter:
-    """Streams items to open .dat and .starts.npy files in batches, hashing as it goes.
+    """Streams items to a map's .dat and .starts.npy (at ``files``) in batches, hashing as it goes.
 
     Each item's bytes are copied into the batch when it is added, before the caller makes the next
     one: a source that refills one buffer for every item is stored as it yielded each item."""
 
-    def __init__(self, dat, starts, dtype: np.dtype | None):
-        self.dat, self.offsets = dat, _OffsetsFile(starts)
+    def __init__(self, files: MapFiles, dtype: np.dtype | None):
+        self.files, self.dat = files, open(files.dat, "wb")
+        self.starts = open(files.starts, "wb")
+        self.offsets = _OffsetsFile(self.starts)
         self.hash, self.blocks = xxhash.xxh3_128(_MAP_HEAD), _BlockDigests(PIECE_BYTES)
         self.target, self.dtype, self.trail = dtype, None, None  # target: what build_map's dtype= asks
+        self.text = None  # "str" or "bytes" once item 0 was text
         self.batch, self.lengths = bytearray(), []  # the batch's bytes, C order, and first dimensions
         self.untyped_empties = 0  # empty lists met before any item fixed the dtype
 
-    def add(self, index: int, item) -> None:
-        if isinstance(item, (list, tuple)) and not item:  # numpy calls [] float64, but it holds no value
+    def add(self, index, item) -> None:
+        if type(item) is np.ndarray and self.text is None:  # the common case, first
+            arr = item
+        elif self.text is not None or isinstance(item, (str, bytes)):
+            arr = self._text_bytes(index, item)
+        elif isinstance(item, (list, tuple)) and not item:  # numpy calls [] float64, but it holds no value
             if self.dtype is None:
                 self.untyped_empties += 1
             else:
                 self._append(np.empty((0, *self.trail), self.dtype))
             return
-        arr = _as_array(index, item)
+        else:
+            arr = _as_array(index, item)
         if self.target is not None and not arr.dtype.hasobject:
             arr = _converted(index, arr, self.target)
         if self.dtype is None:
@@ -712,7 +914,23 @@ class _ItemWriter:
             raise _bad_item(index, arr, self.dtype, self.trail)
         self._append(arr)
 
-    def _fix_layout(self, index: int, arr: np.ndarray) -> None:
+    def _text_bytes(self, index, item) -> np.ndarray:
+        """A str's UTF-8 bytes, or a bytes' own, as uint8; item 0 decides whether the map holds text."""
+        kind = _TEXT_KINDS.get(type(item))
+        if self.dtype is None and self.text is None:
+            if self.target is not None:
+                raise ValueError(f"item {index}: text, but dtype={self.target} was asked; text is stored as "
+                                 "its UTF-8 bytes")
+            self.text = kind
+        if kind is None or kind != self.text:
+            raise ValueError(f"item {index}: {type(item).__name__}, but this map's items are "
+                             f"{self.text or 'arrays'} (fixed by item 0)")
+        try:
+            return np.frombuffer(item.encode() if kind == "str" else item, np.uint8)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"item {index}: a str that UTF-8 cannot encode ({e})") from None
+
+    def _fix_layout(self, index, arr: np.ndarray) -> None:
         _check_layout(arr.dtype, f"item {index}")
         if arr.ndim == 0:
             raise _bad_item(index, arr, arr.dtype, ())
@@ -746,12 +964,66 @@ class _ItemWriter:
         self.offsets.append(np.cumsum(lengths) + self.offsets.end)
 
     def finish(self, meta: dict) -> dict:
+        """Write what is left, fsync and close both files; return the map's json (not yet written)."""
         if self.dtype is None:  # no item, or only empty lists: dtype= or numpy's float64, like np.asarray([])
-            self._fix_layout(0, np.empty(0, self.target or _EMPTY_LAYOUT[0]))
+            self._fix_layout(0, np.empty(0, np.uint8 if self.text else self.target or _EMPTY_LAYOUT[0]))
         self.flush()
         self.offsets.finish()
-        self.hash.update(_MAP_TAIL)
-        return _header_dict(self.dtype, self.trail, self.offsets, self.hash.hexdigest(), self.blocks, meta)
+        for handle in (self.dat, self.starts):
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.close()
+        self.hash.update(_map_tail(self.text))
+        return _header_dict(self.dtype, self.trail, self.offsets, self.hash.hexdigest(), self.blocks, meta, self.text)
+
+    def close(self) -> None:
+        self.dat.close()
+        self.starts.close()
+
+
+class _SetWriter:
+    """Streams dict items to one map per field in ``folder``; item 0 fixes the fields."""
+
+    def __init__(self, folder: Path, first: dict, dtypes: dict):
+        for name in first:
+            if not _is_field_name(name):
+                raise ValueError(f"item 0: field name {name!r} cannot name its map's files: use at most 100 "
+                                 "letters, digits, _, - and . (not first), not ending .dat, .json or .starts.npy")
+        unknown = dtypes.keys() - first.keys()
+        if unknown:
+            raise ValueError(f"dtype= names field(s) {sorted(unknown)} that item 0 lacks (it has {list(first)})")
+        folder.mkdir(parents=True)
+        self.folder, self.writers = folder, {}
+        for name in first:
+            self.writers[name] = _ItemWriter(map_files(folder / name), dtypes.get(name))
+
+    def add(self, index: int, item) -> None:
+        if not isinstance(item, dict):
+            raise ValueError(f"item {index}: {type(item).__name__}, but this map's items are dicts of fields "
+                             "(fixed by item 0)")
+        if len(item) != len(self.writers) or not self.writers.keys() <= item.keys():
+            missing = [name for name in self.writers if name not in item]
+            extra = [name for name in item if name not in self.writers]
+            raise ValueError(f"item {index}: " + "; ".join(
+                [f"no field {missing}"] * bool(missing) + [f"unexpected field {extra}"] * bool(extra)) +
+                f" (item 0 fixed the fields {list(self.writers)})")
+        for name, writer in self.writers.items():
+            try:
+                writer.add(index, item[name])
+            except (ValueError, TypeError) as e:  # every item error starts "item {index}: "; add the field
+                raise type(e)(str(e).replace(f"item {index}:", f"item {index}, field {name!r}:", 1)) from None
+
+    def finish(self, meta: dict) -> dict:
+        """Write every field's map, json included; return the set's json (not yet written)."""
+        fields = {}
+        for name, writer in self.writers.items():
+            fields[name] = writer.finish({})
+            _write_json(writer.files.json, fields[name])
+        return _set_header_dict(fields, self.folder.name, meta)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
 
 
 def _checked_meta(meta: dict | None, function: str) -> dict:
@@ -769,38 +1041,150 @@ def _checked_meta(meta: dict | None, function: str) -> dict:
     return json.loads(text)
 
 
+def _checked_dtype(dtype, where: str) -> np.dtype | dict | None:
+    """dtype= as np.dtype, or for items with fields a dict of field name to np.dtype; checked."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, dict):
+        return {name: _checked_dtype(value, f"{where} for field {name!r}") for name, value in dtype.items()}
+    dtype = np.dtype(dtype)
+    _check_layout(dtype, where)
+    return dtype
+
+
+class MapWriter:
+    """Push-style writing of a map (or a set of fields) at ``path``: ``append`` items one by one.
+
+    ::
+
+        with pm.MapWriter("ds/train", meta={"source": "v3"}) as writer:
+            for clip, tokens in source:
+                writer.append({"audio": clip, "tokens": tokens})
+        writer.header  # the json written
+
+    Items are what ``build_map`` takes, which is a loop over this class: the same files, bytes and
+    hash. A clean exit of the ``with`` block (or ``close()``) commits the map; an exception in it,
+    Ctrl-C included, or ``discard()`` removes everything written, and so does dropping a writer
+    never closed: a map already at ``path`` is untouched until the commit replaces it at once. An
+    ``append`` that raises discards the writer too (later calls raise ValueError): a map is never
+    committed with an item missing. ``len(writer)`` is the count of items appended.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, progress: bool = True, meta: dict | None = None, dtype=None):
+        self._files = map_files(path)
+        where = os.fspath(self._files.json)
+        self._meta, self._dtype = _checked_meta(meta, where), _checked_dtype(dtype, f"{where}: dtype=")
+        self.header: dict | None = None
+        self._count, self._items, self._staging, self._error = 0, None, None, None
+        name = self._files.json.name.removesuffix(".json")
+        self._bar = None if not progress else tqdm(desc=f"build {name}", unit=" items")
+        self._unshown = 0  # items appended since the bar last moved
+
+    def append(self, item) -> None:
+        """Add one item: an array (or array-like, CPU torch tensor), a str or bytes, or a dict of those."""
+        if self._items is None:
+            self._start(isinstance(item, dict), item)
+        try:
+            self._items.add(self._count, item)
+        except BaseException as e:
+            self.discard()
+            self._error = f"{type(e).__name__} at item {self._count}"
+            raise
+        self._count += 1
+        if self._bar is not None:  # as tqdm's own loop does: the bar only moves every miniters items
+            self._unshown += 1
+            if self._unshown >= self._bar.miniters:
+                self._bar.update(self._unshown)
+                self._unshown = 0
+
+    def _start(self, is_set: bool, first) -> None:
+        if self.header is not None or self._error is not None:
+            raise ValueError(f"MapWriter({os.fspath(self._files.json)!r}): already "
+                             f"{'committed' if self.header is not None else 'discarded (' + self._error + ')'}")
+        if is_set != isinstance(self._dtype, dict) and self._dtype is not None:
+            raise TypeError(f"item 0: dtype= must be a dict of field names to dtypes for items with fields, and "
+                            f"a single dtype for others, not {self._dtype!r}")
+        self._staging = staging = _Staging(self._files, is_set)
+        self._dropped = weakref.finalize(self, staging.discard)  # a writer dropped unclosed commits nothing
+        try:
+            self._items = _SetWriter(staging.folder, first, self._dtype or {}) if is_set else \
+                _ItemWriter(staging.temps, self._dtype)
+        except BaseException:
+            self.discard()
+            raise
+
+    def close(self) -> dict:
+        """Commit: write what is left and put the map in place at once; return its json."""
+        if self.header is not None:
+            return self.header
+        if self._items is None:  # no item: a map of none
+            self._start(False, None)
+        try:
+            header = self._items.finish(self._meta)
+            self._staging.commit(header)
+        except BaseException:
+            self.discard()
+            raise
+        self._dropped.detach()
+        self._close_bar()
+        self.header, self._items, self._staging = header, None, None
+        return header
+
+    def discard(self) -> None:
+        """Remove everything written; a map already at the path stays as it was."""
+        if self._items is not None:
+            self._items.close()
+        if self._staging is not None:
+            self._dropped()
+        self._close_bar()
+        self._error = self._error or "by discard()"
+        self._items = self._staging = None
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._unshown)
+            self._bar.close()
+            self._bar = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __enter__(self) -> MapWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+        elif self.header is None:
+            self.discard()
+
+
 def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True,
               meta: dict | None = None, dtype=None) -> dict:
-    """Stream ``items`` (arrays, array-likes, CPU torch tensors) to the map at ``path``; return the json written.
+    """Stream ``items`` to the map at ``path``; return the json written.
 
-    Item 0 fixes the dtype and the trailing shape ``shape[1:]``; the first dimension is ragged and
-    may be 0. Items are stored in C order and never cast, each as it was when the iterable yielded
-    it (a source may refill one buffer for every item). An empty list is a 0-length item of the
-    map's dtype. ``dtype`` (anything ``np.dtype`` takes) converts every item to it: a value that
-    does not fit (out of an integer's range, a fraction for an integer, an overflow to infinity)
-    raises ValueError naming the item, never wraps. ``meta`` is a JSON-serialisable dict of your
-    own, stored under ``"meta"``. The folder is created if missing.
+    Items are arrays, array-likes or CPU torch tensors; or ``str`` (or ``bytes``), stored as their
+    UTF-8 bytes and loaded back as ``str`` (``bytes``); or dicts of those with the same keys every
+    item, stored as a set: one map per field, loaded back as dicts. For arrays, item 0 fixes the
+    dtype and the trailing shape ``shape[1:]`` (of each field, for dicts); the first dimension is
+    ragged and may be 0. Items are stored in C order and never cast, each as it was when the
+    iterable yielded it (a source may refill one buffer for every item). An empty list is a
+    0-length item of the map's dtype. ``dtype`` (anything ``np.dtype`` takes; for dicts, a dict of
+    field names to those) converts every item to it: a value that does not fit (out of an integer's
+    range, a fraction for an integer, an overflow to infinity) raises ValueError naming the item,
+    never wraps. ``meta`` is a JSON-serialisable dict of your own, stored under ``"meta"``. The
+    folder is created if missing. ``MapWriter`` does the same for items pushed one at a time.
 
-    Raises ValueError (naming the item) for a 0-d item or one whose dtype or trailing shape differs,
-    or a dtype a json cannot record; TypeError for object dtypes. On any failure, Ctrl-C included, no
-    file is left behind and a map already at ``path`` is untouched; on success the three files
-    replace it at once. Memory: one batch (``BATCH_BYTES``, ``BATCH_ITEMS``), whatever the count.
+    Raises ValueError (naming the item, and the field) for a 0-d item, one whose dtype or trailing
+    shape differs, a missing or extra field, or a dtype a json cannot record; TypeError for object
+    dtypes. On any failure, Ctrl-C included, no file is left behind and a map already at ``path``
+    is untouched; on success the new files replace it at once. Memory: one batch (``BATCH_BYTES``,
+    ``BATCH_ITEMS``) a field, whatever the count.
     """
-    files = map_files(path)
-    meta = _checked_meta(meta, "build_map")
-    if dtype is not None:
-        dtype = np.dtype(dtype)
-        _check_layout(dtype, "build_map")
-    files.dat.parent.mkdir(parents=True, exist_ok=True)
-    with _staged(files) as temps:
-        with _new_file(temps.dat) as dat, _new_file(temps.starts) as starts:
-            writer = _ItemWriter(dat, starts, dtype)
-            for index, item in enumerate(tqdm(items, desc=f"build {files.dat.name}", unit=" items",
-                                              disable=not progress)):
-                writer.add(index, item)
-            header = writer.finish(meta)
-        _write_json(temps.json, header)
-    return header
+    with MapWriter(path, progress=progress, meta=meta, dtype=dtype) as writer:
+        for item in items:
+            writer.append(item)
+    return writer.header
 
 
 class _Shard(NamedTuple):
@@ -808,26 +1192,44 @@ class _Shard(NamedTuple):
     header: Header
     identity: tuple
 
+    @property
+    def where(self) -> Path:
+        return self.files.dat
 
-def _checked_shard(path) -> _Shard:
+
+class _SetShard(NamedTuple):
+    files: MapFiles
+    header: SetHeader
+    fields: dict  # field name -> _Shard
+
+    @property
+    def where(self) -> Path:
+        return self.files.json
+
+
+def _checked_shard(path) -> _Shard | _SetShard:
     """What a shard's files say, checked; its files are closed again, so a merge of thousands of
     shards holds one open at a time."""
-    opened = _open_map(path)
+    opened = _open(path)
+    if isinstance(opened, OpenedSet):
+        return _SetShard(opened.files, opened.header, {name: _Shard(field.files, field.header, field.identity)
+                                                       for name, field in opened.fields.items()})
     return _Shard(opened.files, opened.header, opened.identity)
 
 
-def _shared_layout(shards: list[_Shard]) -> tuple[np.dtype, tuple]:
-    """The dtype and trailing shape every shard with items agrees on; empty shards do not count."""
+def _shared_layout(shards: list[_Shard]) -> tuple[np.dtype, tuple, str | None]:
+    """The dtype, trailing shape and text every shard with items agrees on; empty shards do not count."""
     with_items = [(k, s) for k, s in enumerate(shards) if s.header.count]
     if not with_items:
-        return _EMPTY_LAYOUT
+        return (*_EMPTY_LAYOUT, None)
     first_k, first = with_items[0]
     for k, shard in with_items[1:]:
-        if (shard.header.dtype, shard.header.trail_dim) != (first.header.dtype, first.header.trail_dim):
-            raise ValueError(f"merge_maps: shard {k} ({shard.files.dat}) holds {shard.header.dtype.str} items of "
-                             f"trailing shape {shard.header.trail_dim}, but shard {first_k} ({first.files.dat}) "
-                             f"holds {first.header.dtype.str} of {first.header.trail_dim}")
-    return first.header.dtype, first.header.trail_dim
+        if (shard.header.dtype, shard.header.trail_dim, shard.header.text) != \
+                (first.header.dtype, first.header.trail_dim, first.header.text):
+            raise ValueError(f"merge_maps: shard {k} ({shard.files.dat}) holds {shard.header.text or shard.header.dtype.str} "
+                             f"items of trailing shape {shard.header.trail_dim}, but shard {first_k} ({first.files.dat}) "
+                             f"holds {first.header.text or first.header.dtype.str} of {first.header.trail_dim}")
+    return first.header.dtype, first.header.trail_dim, first.header.text
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -868,30 +1270,60 @@ def _append_shard(shard: _Shard, dat, offsets: _OffsetsFile, bar: tqdm) -> None:
     _copy_into(opened, dat, bar)
 
 
-def _merged_meta(shards: list[_Shard]) -> dict:
+def _merged_meta(shards: list) -> dict:
     """The meta every shard agrees on; ValueError naming the first shard that differs."""
     for k, shard in enumerate(shards[1:], 1):
         if shard.header.meta != shards[0].header.meta:
             shown = [json.dumps(s.header.meta)[:80] for s in (shards[0], shard)]
-            raise ValueError(f"merge_maps: shard {k} ({shard.files.dat}) has meta {shown[1]}, but shard 0 "
+            raise ValueError(f"merge_maps: shard {k} ({shard.where}) has meta {shown[1]}, but shard 0 "
                              f"has {shown[0]}; pass meta= to say what the merged map's is")
     return shards[0].header.meta if shards else {}
 
 
+def _shared_fields(shards: list) -> list | None:
+    """The field names every shard has (None: all are single maps); ValueError naming a shard that differs."""
+    names = list(shards[0].header.fields) if shards and isinstance(shards[0], _SetShard) else None
+    for k, shard in enumerate(shards):
+        mine = list(shard.header.fields) if isinstance(shard, _SetShard) else None
+        if (mine is None) != (names is None) or mine is not None and set(mine) != set(names):
+            raise ValueError(f"merge_maps: shard {k} ({shard.where}) has " + (f"fields {mine}" if mine else "no fields")
+                             + ", but shard 0 has " + (f"fields {names}" if names else "none"))
+    return names
+
+
+def _merge_into(shards: list[_Shard], files: MapFiles, meta: dict, bar: tqdm) -> dict:
+    """Write the shards' items, in order, to files' .dat and .starts.npy; return the json (not written)."""
+    dtype, trail, text = _shared_layout(shards)
+    merged = Header(dtype, trail, sum(s.header.count for s in shards), sum(s.header.total_rows for s in shards),
+                    "", meta)
+    with _new_file(files.dat) as dat, _new_file(files.starts) as starts:
+        offsets = _OffsetsFile(starts)
+        for shard in shards:
+            _append_shard(shard, dat, offsets, bar)
+        offsets.finish()
+    # hash what landed in the files, not what we meant to write
+    with open(files.starts, "rb") as starts, open(files.dat, "rb") as dat:
+        written_starts, written = _map_starts(files.starts, starts, merged), _map_rows(dat, files, merged)
+    blocks = _BlockDigests(PIECE_BYTES)
+    digest = _compute_hash(written_starts, written, merged.row_bytes, files.starts, bar, blocks, text)
+    return _header_dict(dtype, trail, offsets, digest, blocks, meta, text)
+
+
 def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True, meta: dict | None = None) -> dict:
-    """Concatenate the maps at ``paths``, in order, into a new map at ``out``; return the json written.
+    """Concatenate the maps (or sets) at ``paths``, in order, into a new one at ``out``; return the json written.
 
     The result is byte for byte what ``build_map`` writes for all their items in that order (same
-    ``.dat``, offsets and hash), so a dataset's hash does not depend on how it was sharded. Its
-    ``meta`` is ``meta`` if given, else the shards' own, which must then be the same. Shards with
-    items must agree on dtype and trailing shape; empty shards may record anything.
+    ``.dat``, offsets and hash, field by field for sets), so a dataset's hash does not depend on how
+    it was sharded. Its ``meta`` is ``meta`` if given, else the shards' own, which must then be the
+    same. Shards with items must agree on dtype, trailing shape and text, and sets on their fields
+    (in shard 0's order); empty shards may record any layout.
 
-    Raises ValueError naming the shard on a mismatch (of layout, or of meta without ``meta=``), if
-    ``out`` is one of ``paths``, or if a shard
-    is inconsistent (FileNotFoundError if missing); nothing is written then. The bytes are copied
-    by the kernel where possible and the hash is computed from what was written. Each shard's files
-    are checked for consistency, not re-hashed: run verify_hash on a shard you do not trust.
-    Same crash safety as build_map. Memory: bounded, whatever the count; one shard open at a time.
+    Raises ValueError naming the shard on a mismatch (of layout, fields, or of meta without
+    ``meta=``), if ``out`` is one of ``paths``, or if a shard is inconsistent (FileNotFoundError if
+    missing); nothing is written then. The bytes are copied by the kernel where possible and the
+    hash is computed from what was written. Each shard's files are checked for consistency, not
+    re-hashed: run verify_hash on a shard you do not trust. Same crash safety as build_map.
+    Memory: bounded, whatever the count; one shard open at a time.
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise TypeError(f"merge_maps: paths must be a list of maps, not the single path {paths!r}")
@@ -901,25 +1333,28 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
     for k, shard in enumerate(shards):
         if _same_file(shard.files.dat, target.dat) or _same_file(shard.files.json, target.json):
             raise ValueError(f"merge_maps: out ({target.dat}) is shard {k}; merge into a new path")
-    dtype, trail = _shared_layout(shards)
+    names = _shared_fields(shards)
     meta = given_meta if given_meta is not None else _merged_meta(shards)
-    merged = Header(dtype, trail, sum(s.header.count for s in shards), sum(s.header.total_rows for s in shards),
-                    "", meta)
-    total_bytes = merged.total_rows * merged.row_bytes
-    target.dat.parent.mkdir(parents=True, exist_ok=True)
-    with _staged(target) as temps, tqdm(total=2 * total_bytes, desc=f"merge {target.dat.name}", unit="B",
-                                        unit_scale=True, disable=not progress) as bar:
-        with _new_file(temps.dat) as dat, _new_file(temps.starts) as starts:
-            offsets = _OffsetsFile(starts)
-            for shard in shards:
-                _append_shard(shard, dat, offsets, bar)
-            offsets.finish()
-        # hash what landed in the files, not what we meant to write
-        with open(temps.starts, "rb") as starts, open(temps.dat, "rb") as dat:
-            written_starts, written = _map_starts(temps.starts, starts, merged), _map_rows(dat, temps, merged)
-        blocks = _BlockDigests(PIECE_BYTES)
-        digest = _compute_hash(written_starts, written, merged.row_bytes, temps.starts, bar, blocks)
-        _write_json(temps.json, header := _header_dict(dtype, trail, offsets, digest, blocks, meta))
+    parts = {None: shards} if names is None else {name: [s.fields[name] for s in shards] for name in names}
+    total_bytes = sum(s.header.total_rows * s.header.row_bytes for part in parts.values() for s in part)
+    staging = _Staging(target, is_set=names is not None)
+    try:
+        with tqdm(total=2 * total_bytes, desc=f"merge {target.dat.name}", unit="B", unit_scale=True,
+                  disable=not progress) as bar:
+            if names is None:
+                header = _merge_into(shards, staging.temps, meta, bar)
+            else:
+                staging.folder.mkdir(parents=True)
+                fields = {}
+                for name, part in parts.items():
+                    field_files = map_files(staging.folder / name)
+                    fields[name] = _merge_into(part, field_files, {}, bar)
+                    _write_json(field_files.json, fields[name])
+                header = _set_header_dict(fields, staging.tag, meta)
+        staging.commit(header)
+    except BaseException:
+        staging.discard()
+        raise
     return header
 
 
@@ -939,7 +1374,7 @@ def _batches(starts: np.ndarray, row_bytes: int, batch_bytes: int = BATCH_BYTES 
 
 
 def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, where: Path, bar: tqdm,
-                  blocks: _BlockDigests | None = None) -> str:
+                  blocks: _BlockDigests | None = None, text: str | None = None) -> str:
     """The content hash of the items data[starts[i]:starts[i+1]], checking every offset on the way
     (ValueError naming ``where``); also feeds the data to blocks."""
     h = xxhash.xxh3_128(_MAP_HEAD)
@@ -951,7 +1386,7 @@ def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, where: P
         if blocks is not None:
             blocks.update(_as_bytes(data[a:b]))
         bar.update((b - a) * row_bytes)
-    h.update(_MAP_TAIL)
+    h.update(_map_tail(text))
     return h.hexdigest()
 
 
@@ -971,19 +1406,35 @@ def _damaged_items(starts: np.ndarray, row_bytes: int, blocks: list[int], block_
 
 
 def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
-    """Recompute the content hash of the map at ``path``; return True if it matches the json.
+    """Recompute the content hash of the map (or set) at ``path``; return True if it matches the json.
 
     Raises ValueError on a mismatch, naming both hashes and, for maps with block digests (all
     but picomap 0.1's), the damaged items, or saying that the offsets or the json disagree when
-    every block of the ``.dat`` is intact. Raises ValueError or FileNotFoundError if the files are
-    inconsistent or missing, offsets that decrease anywhere included. Cost: reads every byte of
-    the map once; memory: one batch, whatever the count.
+    every block of the ``.dat`` is intact; for a set, naming the field. Raises ValueError or
+    FileNotFoundError if the files are inconsistent or missing, offsets that decrease anywhere
+    included. Cost: reads every byte of the map once; memory: one batch, whatever the count.
     It detects accidental damage; it is not a signature against deliberate tampering.
     """
-    files, header, starts, data, _ = _open_map(path)
+    opened = _open(path)
+    if isinstance(opened, OpenedMap):
+        return _verify_map(opened, progress)
+    files, header, fields = opened
+    if _set_hash(header.fields) != header.hash:
+        raise ValueError(f"{files.json}: hash mismatch: the json says {header.hash}, its fields' hashes make "
+                         f"{_set_hash(header.fields)}; the json's fields were changed")
+    for name, field in fields.items():
+        try:
+            _verify_map(field, progress)
+        except ValueError as e:
+            raise ValueError(f"{files.json}: field {name!r}: {e}") from None
+    return True
+
+
+def _verify_map(opened: OpenedMap, progress: bool) -> bool:
+    files, header, starts, data, _ = opened
     with tqdm(total=data.nbytes, desc=f"verify {files.dat.name}", unit="B", unit_scale=True,
               disable=not progress) as bar:
-        computed = _compute_hash(starts, data, header.row_bytes, files.starts, bar)
+        computed = _compute_hash(starts, data, header.row_bytes, files.starts, bar, text=header.text)
     if computed == header.hash:
         return True
     message = f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to {computed}"
@@ -1000,7 +1451,7 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     bad = [k for k, (a, b) in enumerate(zip(found, header.block_digests)) if a != b]
     if not bad:
         raise ValueError(f"{message}; every block of {files.dat.name} is intact, so {files.starts.name} or the "
-                         "json's dtype or trail_dim differ from what was built")
+                         "json's dtype, trail_dim or text differ from what was built")
     items = _damaged_items(starts, header.row_bytes, bad, header.block_bytes)
     raise ValueError(f"{message}; {files.dat.name} is damaged in {len(bad)} block(s) of {header.block_bytes} "
                      f"bytes, holding items {items}: rebuild those")
@@ -1021,27 +1472,25 @@ class MapLoader:
 
     ``close()`` (or a ``with`` block) lets go of the files: later calls raise ValueError, and the
     mappings are released once no view from them is alive.
+
+    For a map of text, ``load(i)`` is a new ``str`` (or ``bytes``). For a set, it is a dict of
+    its fields' items (``copy=True`` copies each); ``load.fields`` holds each field's own loader,
+    and ``dtype``, ``trail_dim``, ``lengths``, ``starts``, ``data`` and ``access`` are dicts by field.
     """
     # Slots make load(i)'s attribute reads measurably cheaper; a __getattr__ here would undo that.
     __slots__ = ("_files", "_header", "_first", "_count", "_starts", "_data", "_begins", "_ends", "_chunks",
                  "_ready", "_checked", "_lock", "_lengths", "_rebased")
 
     def __new__(cls, path: str | os.PathLike | None = None, access: str = "auto"):
-        # A map read cold is served by a subclass, so that load(i) of a cached one stays as it is.
+        # Opening happens here, since what it finds picks the class that serves the map (a set's, a
+        # text map's, a cold one's), so that load(i) of a plain cached map stays as it is.
         # (Unpickling calls this with no path: the pickled class is kept, and with it the choice.)
-        if cls is MapLoader and path is not None and _cold(path, access):
-            cls = _ColdMapLoader
-        return super().__new__(cls)
+        if path is None:
+            return super().__new__(cls)
+        return _loader(_open(path), access)
 
     def __init__(self, path: str | os.PathLike, access: str = "auto"):
-        self._open(path, expected_hash=None)
-
-    def _open(self, path, expected_hash: str | None) -> None:
-        files, header, starts, data, _ = _open_map(path)
-        if expected_hash is not None and header.hash != expected_hash:
-            raise ValueError(f"{files.json}: the map was replaced since this loader was pickled "
-                             f"(hash {header.hash}, expected {expected_hash})")
-        self._serve(files, header, data, starts, first=0)
+        pass  # opened by __new__
 
     def _serve(self, files: MapFiles, header: Header, data: np.ndarray, starts: np.ndarray, first: int) -> None:
         """Serve the items whose offsets are ``starts`` (both ends checked), the first being item
@@ -1168,6 +1617,11 @@ class MapLoader:
         return self._files.json.with_name(self._files.json.name.removesuffix(".json"))
 
     @property
+    def fields(self) -> dict | None:
+        """For a set, its fields' loaders by name (each a MapLoader of its own); None for a single map."""
+        return None
+
+    @property
     def dtype(self) -> np.dtype:
         return self._header.dtype
 
@@ -1221,20 +1675,24 @@ class MapLoader:
     def __getstate__(self) -> dict:
         # the absolute path, identity and items only: a receiver maps the files itself, whatever
         # the map's size, from whatever folder it runs in
-        return {"dat": os.path.abspath(self._files.dat), "hash": self.hash,
+        return {"path": os.path.abspath(self.path), "hash": self.hash,
                 "items": [self._first, self._first + self._count]}
 
     def __setstate__(self, state: dict) -> None:
-        self._open(state["dat"], expected_hash=state["hash"])
-        first, end = state.get("items", (0, self._count))
+        files, header, starts, data, _ = _reopened(state, _open_map(state["path"]))
+        self._serve(files, header, data, starts, first=0)
+        first, end = state["items"]
         if (first, end) != (0, self._count):
-            self._serve(self._files, self._header, self._data, self._sliced(slice(first, end))._starts, first)
+            self._serve(files, header, data, self._sliced(slice(first, end))._starts, first)
 
     def __repr__(self) -> str:
-        trail = ", ".join(map(str, ("*", *self.trail_dim)))
         items = f"{self._count} items" if self._first == 0 and self._count == self._header.count else \
             f"items {self._first}-{self._first + self._count - 1} ({self._count})"
-        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {items} of {self.dtype} ({trail})>"
+        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {items} of {self._layout()}>"
+
+    def _layout(self) -> str:
+        """What its items are: 'float32 (*, 2)', or 'str' or 'bytes' for text."""
+        return self._header.text or f"{self.dtype} ({', '.join(map(str, ('*', *self.trail_dim)))})"
 
 
 def _memory_for_page_cache() -> int:
@@ -1249,8 +1707,8 @@ def _memory_for_page_cache() -> int:
     return memory
 
 
-def _cold(path, access: str) -> bool:
-    """Whether to read the map at path cold: as asked, or for "auto" if its .dat is larger than
+def _cold(nbytes: int, access: str) -> bool:
+    """Whether to read a map of nbytes cold: as asked, or for "auto" if nbytes is more than
     COLD_ABOVE of the memory the page cache may use."""
     if access not in ("auto", "cached", "cold"):
         raise ValueError(f"picomap: access must be 'auto', 'cached' or 'cold', not {access!r}")
@@ -1260,11 +1718,7 @@ def _cold(path, access: str) -> bool:
         return False
     if access != "auto":
         return access == "cold"
-    try:
-        size = map_files(path).dat.stat().st_size
-    except OSError:  # missing: opening says so
-        return False
-    return size > COLD_ABOVE * _memory_for_page_cache()
+    return nbytes > COLD_ABOVE * _memory_for_page_cache()
 
 
 class _ColdMapLoader(MapLoader):
@@ -1316,6 +1770,101 @@ class _ColdMapLoader(MapLoader):
     @property
     def access(self) -> str:
         return "cold"
+
+
+class _TextLoader(MapLoader):
+    """A MapLoader for a map of text: ``load(i)`` is a new str (or bytes) of the item's bytes."""
+    __slots__ = ()
+
+    def __call__(self, i, copy: bool = False) -> str | bytes | MapLoader:
+        item = MapLoader.__call__(self, i)
+        if not isinstance(item, np.ndarray):  # load[a:b]: a text loader too
+            return item
+        if self._header.text == "bytes":
+            return item.tobytes()
+        try:
+            return item.tobytes().decode()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self._files.dat}: item {i} is not UTF-8 ({e}); verify_hash tells more") from None
+
+    __getitem__ = __call__
+
+
+class _SetLoader(MapLoader):
+    """A MapLoader for a set: ``load(i)`` is a dict of its fields' items, each field served by a
+    loader of its own (``load.fields``); the attributes of a single map's layout are dicts by field."""
+    __slots__ = ("_fields",)
+
+    def _serve_fields(self, files: MapFiles, header: SetHeader, fields: dict) -> None:
+        some = next(iter(fields.values()))
+        self._files, self._header, self._fields, self._first, self._count = files, header, fields, some._first, len(some)
+
+    def __call__(self, i, copy: bool = False) -> dict | MapLoader:
+        if isinstance(i, slice):
+            part = _SetLoader.__new__(_SetLoader)
+            part._serve_fields(self._files, self._header, {name: field[i] for name, field in self._fields.items()})
+            return part
+        return {name: field(i, copy) for name, field in self._fields.items()}
+
+    __getitem__ = __call__
+
+    def __getitems__(self, indices) -> list:
+        columns = [field.__getitems__(indices) for field in self._fields.values()]
+        return [dict(zip(self._fields, row)) for row in zip(*columns)]
+
+    def close(self) -> None:
+        for field in self._fields.values():
+            field.close()
+
+    def _by_field(self, name: str) -> dict:
+        return {field_name: getattr(field, name) for field_name, field in self._fields.items()}
+
+    fields = property(lambda self: dict(self._fields), doc=MapLoader.fields.__doc__)
+    access = property(lambda self: self._by_field("access"), doc="Each field's access, by field.")
+    dtype = property(lambda self: self._by_field("dtype"), doc="Each field's dtype, by field.")
+    trail_dim = property(lambda self: self._by_field("trail_dim"), doc="Each field's trailing shape, by field.")
+    data = property(lambda self: self._by_field("data"), doc="Each field's rows (MapLoader.data), by field.")
+    starts = property(lambda self: self._by_field("starts"), doc="Each field's offsets (MapLoader.starts), by field.")
+    lengths = property(lambda self: self._by_field("lengths"), doc="Each field's lengths (MapLoader.lengths), by "
+                       "field: O(N) each, on first use.")
+
+    def __getstate__(self) -> dict:
+        cold = any(field.access == "cold" for field in self._fields.values())
+        return {**super().__getstate__(), "access": "cold" if cold else "cached"}
+
+    def __setstate__(self, state: dict) -> None:
+        opened = _reopened(state, _open(state["path"]))
+        if not isinstance(opened, OpenedSet):
+            raise ValueError(f"{opened.files.json}: no longer a set of fields")
+        whole = _loader(opened, state["access"])
+        first, end = state["items"]
+        self._serve_fields(opened.files, opened.header, whole[first:end]._fields)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name} {field._layout()}" for name, field in self._fields.items())
+        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {self._count} items of fields {fields}>"
+
+
+def _loader(opened: OpenedMap | OpenedSet, access: str) -> MapLoader:
+    """The loader that serves an opened map or set: the class picks how items are read and returned."""
+    if isinstance(opened, OpenedSet):  # its fields share the page cache: read all cold or none
+        cold = _cold(sum(field.data.nbytes for field in opened.fields.values()), access)
+        load = object.__new__(_SetLoader)
+        load._serve_fields(opened.files, opened.header, {name: _loader(field, "cold" if cold else "cached")
+                                                         for name, field in opened.fields.items()})
+        return load
+    cold = _cold(opened.data.nbytes, access)  # (text is always read cached: small items, copied anyway)
+    load = object.__new__(_TextLoader if opened.header.text else _ColdMapLoader if cold else MapLoader)
+    load._serve(opened.files, opened.header, opened.data, opened.starts, first=0)
+    return load
+
+
+def _reopened(state: dict, opened: OpenedMap | OpenedSet) -> OpenedMap | OpenedSet:
+    """opened, if it is the map a loader was pickled from: ValueError if it was rebuilt since."""
+    if opened.header.hash != state["hash"]:
+        raise ValueError(f"{opened.files.json}: the map was replaced since this loader was pickled "
+                         f"(hash {opened.header.hash}, expected {state['hash']})")
+    return opened
 
 
 def get_loader_fn(path: str | os.PathLike, *, access: str = "auto") -> tuple[MapLoader, int]:
@@ -1544,15 +2093,20 @@ def _length_stats(starts: np.ndarray, where: Path) -> str:
 
 def _info(path: str, full_meta: bool) -> None:
     with MapLoader(path) as load:
-        stats = _length_stats(load.starts, map_files(load.path).starts)
         meta = json.dumps(load.meta)
         if len(meta) > 200 and not full_meta:
             meta = f"{meta[:200]}... ({len(meta):,} characters; --full-meta shows all)"
-        for label, value in [("path", load.path), ("items", f"{len(load):,}"), ("dtype", load.dtype),
-                             ("trailing shape", load.trail_dim), ("rows", f"{len(load.data):,}"),
-                             ("bytes", f"{load.data.nbytes:,}"), ("item length min/mean/max", stats),
-                             ("hash", load.hash), ("meta", meta)]:
-            print(f"{label:>25}: {value}")
+        lines = [("path", load.path), ("items", f"{len(load):,}")]
+        for name, part in (load.fields or {"": load}).items():  # a set's lines say which field
+            prefix = f"{name}." if name else ""
+            stats = _length_stats(part.starts, map_files(part.path).starts)
+            lines += [(prefix + "dtype", part._header.text or part.dtype), (prefix + "trailing shape", part.trail_dim),
+                      (prefix + "rows", f"{len(part.data):,}"), (prefix + "bytes", f"{part.data.nbytes:,}"),
+                      (prefix + "item length min/mean/max", stats)]
+        lines += [("hash", load.hash), ("meta", meta)]
+        width = max(len(label) for label, _ in lines)
+        for label, value in lines:
+            print(f"{label:>{width}}: {value}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,15 +24,31 @@ def oracle_tag(dtype) -> bytes:
 
 
 def oracle_hash(items) -> str:
-    """The content hash written straight from the spec, sharing no code with picomap."""
+    """The content hash written straight from the spec, sharing no code with picomap. Text items
+    (str, bytes) are uint8 items of their UTF-8 bytes, and the stream ends saying which text."""
     h = xxhash.xxh3_128()
     h.update(b"D|v1|")
+    text = None
     for item in items:
+        if isinstance(item, (str, bytes)):
+            text = type(item).__name__
+            item = np.frombuffer(item.encode("utf-8") if isinstance(item, str) else item, np.uint8)
         a = np.asarray(item)
         h.update(oracle_tag(a.dtype))
         h.update(np.array([a.ndim, *a.shape], dtype="<i8").tobytes())
         h.update(a.tobytes(order="C"))
-    h.update(b"D|end|")
+    h.update(b"D|end|" if text is None else f"D|{text}|end|".encode())
+    return h.hexdigest()
+
+
+def oracle_set_hash(items) -> str:
+    """A set's hash from the spec: its fields' names and hashes in name order, framed."""
+    h = xxhash.xxh3_128()
+    h.update(b"S|v1|")
+    for name in sorted(items[0]):
+        h.update(len(name.encode()).to_bytes(8, "little") + name.encode())
+        h.update(bytes.fromhex(oracle_hash([item[name] for item in items])))
+    h.update(b"S|end|")
     return h.hexdigest()
 
 

@@ -71,7 +71,7 @@ def test_paths_that_name_no_map_are_refused(in_tmp, bad):
 
 def test_progress_bar_shows_by_default_and_not_when_disabled(in_tmp, capsys):
     pm.build_map(tokens(3), "a")
-    assert "build a.dat" in capsys.readouterr().err
+    assert "build a: 3 items" in capsys.readouterr().err
     pm.build_map(tokens(3), "b", progress=False)
     assert capsys.readouterr().err == ""
 
@@ -343,7 +343,7 @@ def test_a_meta_too_large_for_the_json_is_refused_before_writing(in_tmp, monkeyp
     def items():
         consumed.append(1)
         yield np.zeros(1)
-    with pytest.raises(ValueError, match="build_map: meta takes 1[0-9]{3} bytes of JSON, more than"):
+    with pytest.raises(ValueError, match=r"toy\.json: meta takes 1[0-9]{3} bytes of JSON, more than"):
         pm.build_map(items(), "toy", progress=False, meta={"tokenizer": "x" * 1000})
     assert consumed == [] and listing(in_tmp) == []
     assert pm.MAX_META_BYTES < pm.MAX_JSON_BYTES  # what is accepted, the loader opens
@@ -439,7 +439,7 @@ def test_dtype_rounds_floats_and_keeps_what_fits(in_tmp):
     assert_same_items(read_back("bf16"), [a.astype(ml_dtypes.bfloat16) for a in items])
     pm.build_map([np.array([1, 2], np.int8), [3.0]], "i16", progress=False, dtype=np.int16)
     assert_same_items(read_back("i16"), [np.array([1, 2], np.int16), np.array([3], np.int16)])
-    with pytest.raises(TypeError, match="build_map: dtype object holds Python objects"):
+    with pytest.raises(TypeError, match=r"obj\.json: dtype=: dtype object holds Python objects"):
         pm.build_map([[1]], "obj", progress=False, dtype=object)
 
 

@@ -81,7 +81,7 @@ def test_readme_quick_example_runs_as_written(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["toy.dat", "toy.json", "toy.starts.npy"]
 
 
-@pytest.mark.parametrize("heading, prints", [("## Recipes", 9), ("## Preparing data in parallel", 5)])
+@pytest.mark.parametrize("heading, prints", [("## Recipes", 14), ("## Preparing data in parallel", 5)])
 def test_readme_sections_run_as_written_and_print_what_they_say(tmp_path, heading, prints):
     pytest.importorskip("torch")  # the recipes use it; CI installs it
     pytest.importorskip("dask")
@@ -108,12 +108,16 @@ def test_readme_shows_the_two_commands():
 RELIABILITY = {
     "corrupt-map cases": [("test_load.py", ["corrupt", "oversized", "absurd", "no_map", "regular_file",
                                             "not_maps", "damaged_offsets", "shifted_whole"]),
-                          ("test_damage.py", ["malformed", "too_many"]), ("test_merge.py", ["damaged"])],
+                          ("test_damage.py", ["malformed", "too_many"]), ("test_merge.py", ["damaged"]),
+                          ("test_fields.py", ["edits_to_the_sets_json", "two_builds", "editing_a_text"])],
     "fault-injection tests": [("test_faults.py", []), ("test_build.py", ["leave"]),
                               ("test_merge.py", ["leaves", "changed", "interrupted", "writes_nothing",
-                                                 "not_be_an_input", "mismatched"])],
+                                                 "not_be_an_input", "mismatched"]),
+                              ("test_fields.py", ["killed_set", "crash_after", "racing", "exception_in_the_with",
+                                                  "dropped_unclosed", "failed_append"])],
     "bad-item cases": [("test_build.py", ["bad_item_raises", "meta_must", "names_the_item", "cannot_record",
-                                          "meta_too_large", "cannot_hold", "own_dtype"])],
+                                          "meta_too_large", "cannot_hold", "own_dtype"]),
+                       ("test_fields.py", ["bad_item_midway", "field_names_must", "text_item_errors"])],
     "damage-location tests": [("test_damage.py", [])],
 }
 

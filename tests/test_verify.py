@@ -143,7 +143,7 @@ def test_swapping_structured_fields_in_the_json_fails_verify(in_tmp):
     assert header["hash"] == oracle_hash(items)
     header["dtype"] = [["score", "<f4"], ["label", "<i4"]]  # the same 8 bytes a row, read another way
     write_json("toy", header)
-    with pytest.raises(ValueError, match="hash mismatch: .* json's dtype or trail_dim differ"):
+    with pytest.raises(ValueError, match="hash mismatch: .* json's dtype, trail_dim or text differ"):
         pm.verify_hash("toy", progress=False)
 
 
