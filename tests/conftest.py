@@ -77,8 +77,10 @@ def anonymous_bytes() -> int:
 
 
 def listing(folder) -> list[str]:
-    """Every file under folder, relative, sorted: what a test asserts is left on disk."""
-    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+    """Every file under folder, and every empty folder (with a trailing /), relative, sorted: what
+    a test asserts is left on disk."""
+    return sorted(str(p.relative_to(folder)) + ("" if p.is_file() else "/") for p in Path(folder).rglob("*")
+                  if p.is_file() or p.is_dir() and not any(p.iterdir()))
 
 
 def snapshot(base) -> dict:

@@ -117,7 +117,8 @@ RELIABILITY = {
                                                   "dropped_unclosed", "failed_append"])],
     "bad-item cases": [("test_build.py", ["bad_item_raises", "meta_must", "names_the_item", "cannot_record",
                                           "meta_too_large", "cannot_hold", "own_dtype"]),
-                       ("test_fields.py", ["bad_item_midway", "field_names_must", "text_item_errors"])],
+                       ("test_fields.py", ["bad_item_midway", "field_names_must", "text_item_errors",
+                                           "fields_that_can_be_files"])],
     "damage-location tests": [("test_damage.py", [])],
 }
 

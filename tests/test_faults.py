@@ -148,40 +148,61 @@ def version_items(v):
     return [np.full((k % 4 + v % 3 + (k == 0), 2), v * 1000 + k, np.int32) for k in range(3 + v % 5)]
 
 
-def test_readers_see_one_whole_version_while_another_process_rebuilds(in_tmp):
-    pm.build_map(version_items(0), "toy", progress=False)
-    first, _ = pm.get_loader_fn("toy")
-    script = """
-        import sys, numpy as np, picomap as pm
-        sys.path.insert(0, {tests!r})
-        from test_faults import version_items
-        for v in range(1, 100_000):
-            pm.build_map(version_items(v), "toy", progress=False)
-            if v == 1:
-                print("midway", flush=True)
-    """.format(tests=str(Path(__file__).parent))
-    writer = start_python(script, in_tmp)
+def same_items(got, want) -> bool:
+    """Whether loaded items are exactly want's: arrays of the same dtype, shape and values, text of
+    the same type, dicts of those with the same keys in the same order."""
+    if isinstance(want, dict):
+        return list(got) == list(want) and all(same_items(got[k], want[k]) for k in want)
+    if isinstance(want, (str, bytes)):
+        return type(got) is type(want) and got == want
+    return got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+
+
+REBUILD_FOREVER = """
+    import sys, picomap as pm
+    sys.path.insert(0, {tests!r})
+    from {module} import {maker}
+    for v in range(1, 100_000):
+        pm.build_map({maker}(v), {path!r}, progress=False)
+        if v == 1:
+            print("midway", flush=True)
+"""
+
+
+def read_while_rebuilt(path, maker, version_of, cwd, seconds=4):
+    """Load every item of the map at path again and again for `seconds` while another process
+    rebuilds it from maker(1), maker(2), ...; assert each read is exactly maker(v)'s items, where v
+    is version_of(the first item). Returns (reads, refusals, versions read)."""
+    script = REBUILD_FOREVER.format(tests=str(Path(__file__).parent), module=maker.__module__,
+                                    maker=maker.__name__, path=str(path))
+    writer = start_python(script, cwd)
     assert writer.stdout.readline() == b"midway\n"
     reads, refusals, versions = 0, 0, set()
-    deadline = time.monotonic() + 4
+    deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
             try:
-                load, n = pm.get_loader_fn("toy")
+                load, n = pm.get_loader_fn(path)
                 got = [load(i, copy=True) for i in range(n)]
             except (ValueError, OSError):
                 refusals += 1
                 continue
-            v = int(got[0][0, 0]) // 1000  # item 0 of every version has rows
-            want = version_items(v)
+            v = version_of(got[0])
+            want = maker(v)
             assert len(got) == len(want), f"read {len(got)} items, not the {len(want)} of version {v}"
-            for a, b in zip(got, want):
-                assert a.shape == b.shape and np.array_equal(a, b)
+            assert all(same_items(a, b) for a, b in zip(got, want)), f"version {v} read wrong"
             reads += 1
             versions.add(v)
     finally:
         writer.kill()
         writer.wait()
+    return reads, refusals, versions
+
+
+def test_readers_see_one_whole_version_while_another_process_rebuilds(in_tmp):
+    pm.build_map(version_items(0), "toy", progress=False)
+    first, _ = pm.get_loader_fn("toy")
+    reads, refusals, versions = read_while_rebuilt("toy", version_items, lambda item: int(item[0, 0]) // 1000, in_tmp)
     assert reads > 20 and len(versions) > 5, (reads, refusals, versions)
     # with the folder lock a reader never even meets a half-committed map (without it: ~15% refused)
     assert refusals == 0 or pm.fcntl is None

@@ -4,8 +4,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from hypothesis import strategies as st
 
 import picomap as pm
 from conftest import listing, oracle_hash, oracle_set_hash, read_json, tokens, write_json
-from test_faults import kill_when_midway, start_python
+from test_faults import kill_when_midway, read_while_rebuilt, same_items, start_python
 
 
 def clips(n=12, seed=0):
@@ -24,16 +22,6 @@ def clips(n=12, seed=0):
     return [{"audio": rng.standard_normal((int(rng.integers(0, 9)), 2)).astype(np.float32),
              "tokens": rng.integers(0, 500, int(rng.integers(0, 6))).astype(np.int32),
              "text": "".join(rng.choice(list("abcé ✓"), int(rng.integers(0, 7))))} for _ in range(n)]
-
-
-def assert_same_sample(got, want):
-    assert list(got) == list(want)
-    for name, value in want.items():
-        if isinstance(value, (str, bytes)):
-            assert type(got[name]) is type(value) and got[name] == value
-        else:
-            assert got[name].dtype == value.dtype and got[name].shape == value.shape
-            assert np.array_equal(got[name], value)
 
 
 def set_files(base) -> dict:
@@ -143,8 +131,8 @@ def test_a_set_loads_dicts_with_per_field_attributes(in_tmp):
     load, n = pm.get_loader_fn("ds")
     assert n == len(load) == len(items)
     for i, item in enumerate(items):
-        assert_same_sample(load(i), item)
-        assert_same_sample(load[i - n], item)
+        assert same_items(load(i), item)
+        assert same_items(load[i - n], item)
     copied = load(2, copy=True)
     assert copied["audio"].flags.writeable and not load(2)["audio"].flags.writeable
     assert load.dtype == {"audio": np.float32, "tokens": np.int32, "text": np.uint8}
@@ -156,15 +144,39 @@ def test_a_set_loads_dicts_with_per_field_attributes(in_tmp):
     assert load.fields["tokens"].fields is None and load.hash == oracle_set_hash(items)
     part = load[3:7]
     assert len(part) == 4 and all(list(part(k)) == list(items[0]) for k in range(4))
-    assert_same_sample(part(-1), items[6])
+    assert same_items(part(-1), items[6])
     for got, want in zip(load.__getitems__([5, 0, 5]), [items[5], items[0], items[5]]):
-        assert_same_sample(got, want)
+        assert same_items(got, want)
     assert [sample["text"] for sample in load] == [it["text"] for it in items]
-    with pytest.raises(IndexError, match="item 12 is out of range"):
+    # errors name the set, not one of its fields' files
+    with pytest.raises(IndexError, match="^ds: item 12 is out of range for a map of 12 items"):
         load(12)
+    with pytest.raises(IndexError, match="^ds: item -13 is out of range"):
+        load[-13]
+    with pytest.raises(TypeError, match="^ds: item indices must be integers, not float"):
+        load(1.0)
+    with pytest.raises(ValueError, match=r"^ds: only contiguous slices of a map \(step 1\)"):
+        load[::2]
     load.close()
-    with pytest.raises(ValueError, match="the loader is closed"):
-        load(0)
+    for closed in (lambda: load(0), lambda: load[1:3]):
+        with pytest.raises(ValueError, match="^ds: the loader is closed"):
+            closed()
+
+
+def test_closing_a_set_lets_go_of_every_fields_files(in_tmp):
+    from test_load import mapped_or_open
+    pm.build_map(clips(), "ds", progress=False)
+    files = [Path(f"{field_path('ds', name)}{suffix}") for name in ("audio", "tokens", "text")
+             for suffix in (".dat", ".starts.npy")]
+    with pm.MapLoader("ds") as load:
+        sample = load(1)
+        assert all(mapped_or_open(f) for f in files)
+    assert sample.pop("text") == clips()[1]["text"]  # a str of its own: it holds no mapping
+    gc.collect()
+    assert mapped_or_open(files[0])  # the audio view handed out keeps its mapping alive
+    del sample
+    gc.collect()
+    assert not any(mapped_or_open(f) for f in files)
 
 
 def test_keys_in_any_order_and_the_same_set_hash_whatever_item_0s_order(in_tmp):
@@ -201,7 +213,7 @@ def test_any_fields_of_any_layout_round_trip(tmp_path_factory, data):
     load, n = pm.get_loader_fn(folder / "s")
     assert n == count
     for i, item in enumerate(items):
-        assert_same_sample(load(i), item)
+        assert same_items(load(i), item)
     assert pm.verify_hash(folder / "s", progress=False)
 
 
@@ -229,6 +241,16 @@ def test_a_bad_item_midway_names_item_and_field_and_leaves_the_old_set(in_tmp, b
 def test_field_names_must_name_files(in_tmp, name):
     with pytest.raises(ValueError, match="item 0: field name .* cannot name its map's files"):
         pm.build_map([{name: np.zeros(1)}], "ds", progress=False)
+    assert listing(in_tmp) == []
+
+
+@pytest.mark.parametrize("first, message", [
+    ({}, "item 0: a dict of no fields; a set needs at least one"),
+    ({"label": np.zeros(1), "Label": np.zeros(1)}, "item 0: fields 'label' and 'Label' differ only in case"),
+])
+def test_item_0_must_give_fields_that_can_be_files(in_tmp, first, message):
+    with pytest.raises(ValueError, match=message):
+        pm.build_map([first, first], "ds", progress=False)
     assert listing(in_tmp) == []
 
 
@@ -358,7 +380,7 @@ def test_a_cold_set_reads_its_array_fields_cold_and_keeps_it_in_pickles(in_tmp):
     again = pickle.loads(pickle.dumps(cold[2:]))
     assert again.access == cold.access
     for i, sample in enumerate(again.__getitems__(range(len(again)))):
-        assert_same_sample(sample, items[2 + i])
+        assert same_items(sample, items[2 + i])
 
 
 def test_a_set_and_a_single_map_replace_each_other_and_take_their_files_along(in_tmp):
@@ -371,41 +393,15 @@ def test_a_set_and_a_single_map_replace_each_other_and_take_their_files_along(in
     assert pm.get_loader_fn("ds")[0].fields is None
 
 
-def version_sample(v, k):
-    return {"x": np.full(k % 3 + 1, v, np.int32), "y": np.full((v % 4, 2), v, np.int16), "t": f"{v}:{k}"}
+def version_samples(v):
+    """Version v of a set whose every version differs in item count, lengths and contents."""
+    return [{"x": np.full(k % 3 + 1, v, np.int32), "y": np.full((v % 4, 2), v, np.int16), "t": f"{v}:{k}"}
+            for k in range(3 + v % 4)]
 
 
 def test_readers_racing_a_rebuild_see_one_builds_fields_only(in_tmp):
-    pm.build_map([version_sample(0, k) for k in range(4)], "ds", progress=False)
-    script = """
-        import numpy as np, picomap as pm, sys
-        sys.path.insert(0, {tests!r})
-        from test_fields import version_sample
-        for v in range(1, 100_000):
-            pm.build_map([version_sample(v, k) for k in range(3 + v % 4)], "ds", progress=False)
-            if v == 1:
-                print("midway", flush=True)
-    """.format(tests=str(Path(__file__).parent))
-    writer = start_python(script, in_tmp)
-    assert writer.stdout.readline() == b"midway\n"
-    reads, versions, refusals = 0, set(), 0
-    deadline = time.monotonic() + 4
-    try:
-        while time.monotonic() < deadline:
-            try:
-                load, n = pm.get_loader_fn("ds")
-                got = [load(i, copy=True) for i in range(n)]
-            except (ValueError, OSError):
-                refusals += 1
-                continue
-            v = int(got[0]["x"][0])
-            assert n == (4 if v == 0 else 3 + v % 4)
-            for k, sample in enumerate(got):
-                assert_same_sample(sample, version_sample(v, k))
-            reads, versions = reads + 1, versions | {v}
-    finally:
-        writer.kill()
-        writer.wait()
+    pm.build_map(version_samples(0), "ds", progress=False)
+    reads, refusals, versions = read_while_rebuilt("ds", version_samples, lambda sample: int(sample["x"][0]), in_tmp)
     assert reads > 20 and len(versions) > 3, (reads, refusals, versions)
     assert refusals == 0 or pm.fcntl is None
 
@@ -420,7 +416,7 @@ def test_a_pickled_set_loader_and_its_slices_load_the_same_dicts(in_tmp):
         copy = pickle.loads(pickle.dumps(original))
         assert type(copy) is type(original) and len(copy) == len(original)
         for i in range(len(copy)):
-            assert_same_sample(copy(i), items[first + i])
+            assert same_items(copy(i), items[first + i])
     blob = pickle.dumps(load)
     pm.build_map(clips(seed=3), "ds", progress=False)
     with pytest.raises(ValueError, match="replaced since this loader was pickled"):
