@@ -1127,7 +1127,8 @@ class MapWriter:
         """Commit: write what is left and put the map in place at once; return its json."""
         if self.header is not None:
             return self.header
-        if self._items is None:  # no item: a map of none
+        if self._items is None:  # no item: a map of none, even where dtype= named fields (merge_maps
+            self._dtype = None if isinstance(self._dtype, dict) else self._dtype  # takes it beside sets)
             self._start(False, None)
         try:
             header = self._items.finish(self._meta)
@@ -1179,7 +1180,8 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
     dtype and the trailing shape ``shape[1:]`` (of each field, for dicts); the first dimension is
     ragged and may be 0. Items are stored in C order and never cast, each as it was when the
     iterable yielded it (a source may refill one buffer for every item). An empty list is a
-    0-length item of the map's dtype. ``dtype`` (anything ``np.dtype`` takes; for dicts, a dict of
+    0-length item of the map's dtype, and no items at all an empty map (whose layout is ``dtype``,
+    if that is one dtype; ``merge_maps`` takes it beside sets too). ``dtype`` (anything ``np.dtype`` takes; for dicts, a dict of
     field names to those) converts every item to it: a value that does not fit (out of an integer's
     range, a fraction for an integer, an overflow to infinity) raises ValueError naming the item,
     never wraps. ``meta`` is a JSON-serialisable dict of your own, stored under ``"meta"``. The
@@ -1291,13 +1293,20 @@ def _merged_meta(shards: list) -> dict:
 
 
 def _shared_fields(shards: list) -> list | None:
-    """The field names every shard has (None: all are single maps); ValueError naming a shard that differs."""
-    names = list(shards[0].header.fields) if shards and isinstance(shards[0], _SetShard) else None
+    """The fields every set among the shards has, in the first one's order (None: no shard is a set);
+    ValueError naming a shard that differs. An empty single map, what a build of no items writes,
+    goes with sets too."""
+    sets = [(k, shard) for k, shard in enumerate(shards) if isinstance(shard, _SetShard)]
+    if not sets:
+        return None
+    first_k, names = sets[0][0], list(sets[0][1].header.fields)
     for k, shard in enumerate(shards):
         mine = list(shard.header.fields) if isinstance(shard, _SetShard) else None
-        if (mine is None) != (names is None) or mine is not None and set(mine) != set(names):
+        if mine is None and shard.header.count == 0:
+            continue
+        if mine is None or set(mine) != set(names):
             raise ValueError(f"merge_maps: shard {k} ({shard.where}) has " + (f"fields {mine}" if mine else "no fields")
-                             + ", but shard 0 has " + (f"fields {names}" if names else "none"))
+                             + f", but shard {first_k} has fields {names}")
     return names
 
 
@@ -1326,7 +1335,7 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
     ``.dat``, offsets and hash, field by field for sets), so a dataset's hash does not depend on how
     it was sharded. Its ``meta`` is ``meta`` if given, else the shards' own, which must then be the
     same. Shards with items must agree on dtype, trailing shape and text, and sets on their fields
-    (in shard 0's order); empty shards may record any layout.
+    (in the first set's order); empty shards may record any layout, and an empty map goes with sets.
 
     Raises ValueError naming the shard on a mismatch (of layout, fields, or of meta without
     ``meta=``), if ``out`` is one of ``paths``, or if a shard is inconsistent (FileNotFoundError if
@@ -1345,7 +1354,8 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
             raise ValueError(f"merge_maps: out ({target.dat}) is shard {k}; merge into a new path")
     names = _shared_fields(shards)
     meta = given_meta if given_meta is not None else _merged_meta(shards)
-    parts = {None: shards} if names is None else {name: [s.fields[name] for s in shards] for name in names}
+    sets = [shard for shard in shards if isinstance(shard, _SetShard)]
+    parts = {None: shards} if names is None else {name: [s.fields[name] for s in sets] for name in names}
     total_bytes = sum(s.header.total_rows * s.header.row_bytes for part in parts.values() for s in part)
     staging = _Staging(target, is_set=names is not None)
     try:

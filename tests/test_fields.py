@@ -478,6 +478,19 @@ def test_a_merge_of_sets_is_byte_for_byte_a_direct_build(in_tmp):
     assert n == 30 and all(load(i)["text"] == it["text"] for i, it in enumerate(items))
 
 
+def test_a_shard_of_no_items_merges_with_sets(in_tmp):
+    items = clips(10)
+    pm.build_map(items[:6], "s0", progress=False)
+    empty = pm.build_map([], "s1", progress=False, dtype={"audio": np.float32})  # a worker given nothing
+    pm.build_map(items[6:], "s2", progress=False)
+    assert empty["count"] == 0 and "fields" not in empty and pm.get_loader_fn("s1")[1] == 0
+    for order in (["s0", "s1", "s2"], ["s1", "s0", "s2"]):
+        merged = pm.merge_maps(order, "out", progress=False)
+        assert merged["hash"] == oracle_set_hash(items) and merged["count"] == 10
+    load, _ = pm.get_loader_fn("out")
+    assert all(same_items(load(i), item) for i, item in enumerate(items))
+
+
 def test_merge_refuses_sets_of_other_fields_and_single_maps(in_tmp):
     pm.build_map(clips(3), "a", progress=False)
     pm.build_map([{"audio": it["audio"]} for it in clips(3)], "b", progress=False)
