@@ -32,7 +32,8 @@ def kill_when_midway(child):
     child.wait()
 
 
-SLOW_BUILD = """
+# A build that says "midway" at item 500 and waits there to be killed: {item} is item i.
+SLOW_BUILD_OF = """
     import time, numpy as np, picomap as pm
     pm.BATCH_BYTES = 16
     def items():
@@ -40,9 +41,10 @@ SLOW_BUILD = """
             if i == 500:
                 print("midway", flush=True)
                 time.sleep(60)
-            yield np.full(i % 9, i, np.int32)
-    pm.build_map(items(), "toy", progress=False)
+            yield {item}
+    pm.build_map(items(), {path!r}, progress=False)
 """
+SLOW_BUILD = SLOW_BUILD_OF.format(item="np.full(i % 9, i, np.int32)", path="toy")
 
 
 def one_builds_temporaries(names):

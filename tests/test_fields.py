@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import picomap as pm
 from conftest import listing, oracle_hash, oracle_set_hash, read_json, tokens, write_json
-from test_faults import kill_when_midway, read_while_rebuilt, same_items, start_python
+from test_faults import SLOW_BUILD_OF, kill_when_midway, read_while_rebuilt, same_items, start_python
 
 
 def clips(n=12, seed=0):
@@ -330,17 +330,7 @@ def test_fields_from_two_builds_are_refused_naming_the_field(in_tmp):
         pm.verify_hash("a", progress=False)
 
 
-SLOW_SET_BUILD = """
-    import time, numpy as np, picomap as pm
-    pm.BATCH_BYTES = 16
-    def items():
-        for i in range(1000):
-            if i == 500:
-                print("midway", flush=True)
-                time.sleep(60)
-            yield {"a": np.full(i % 9, i, np.int32), "t": str(i)}
-    pm.build_map(items(), "ds", progress=False)
-"""
+SLOW_SET_BUILD = SLOW_BUILD_OF.format(item='{"a": np.full(i % 9, i, np.int32), "t": str(i)}', path="ds")
 
 
 def test_a_killed_set_build_leaves_the_old_set_and_the_next_build_cleans_up(in_tmp):
