@@ -1219,14 +1219,29 @@ class _SetShard(NamedTuple):
         return self.files.json
 
 
-def _checked_shard(path) -> _Shard | _SetShard:
-    """What a shard's files say, checked; its files are closed again, so a merge of thousands of
-    shards holds one open at a time."""
-    opened = _open(path)
-    if isinstance(opened, OpenedSet):
-        return _SetShard(opened.files, opened.header, {name: _Shard(field.files, field.header, field.identity)
-                                                       for name, field in opened.fields.items()})
-    return _Shard(opened.files, opened.header, opened.identity)
+def _checked_shards(paths: Iterable, target: MapFiles, meta: dict | None) -> tuple[list, dict]:
+    """The shards at paths, checked one at a time (their files closed again, so a merge of thousands
+    holds one open) and kept as only what merging needs: files, layout and identity, not their meta
+    or block digests, which may be megabytes a shard. Returns them and the merged meta: ``meta`` if
+    given, else the shards' own, which must then agree (ValueError naming the first that differs)."""
+    shards, first_meta = [], {}
+    for k, path in enumerate(paths):
+        opened = _open(path)
+        if _same_file(opened.files.dat, target.dat) or _same_file(opened.files.json, target.json):
+            raise ValueError(f"merge_maps: out ({target.dat}) is shard {k}; merge into a new path")
+        if isinstance(opened, OpenedSet):
+            fields = {name: _Shard(field.files, field.header._replace(block_digests=None), field.identity)
+                      for name, field in opened.fields.items()}
+            shard = _SetShard(opened.files, opened.header._replace(meta={}), fields)
+        else:
+            shard = _Shard(opened.files, opened.header._replace(meta={}, block_digests=None), opened.identity)
+        if meta is None and k > 0 and opened.header.meta != first_meta:
+            shown = [json.dumps(m)[:80] for m in (opened.header.meta, first_meta)]
+            raise ValueError(f"merge_maps: shard {k} ({shard.where}) has meta {shown[0]}, but shard 0 "
+                             f"has {shown[1]}; pass meta= to say what the merged map's is")
+        first_meta = opened.header.meta if k == 0 else first_meta
+        shards.append(shard)
+    return shards, first_meta if meta is None else meta
 
 
 def _shared_layout(shards: list[_Shard]) -> tuple[np.dtype, tuple, str | None]:
@@ -1282,16 +1297,6 @@ def _append_shard(shard: _Shard, dat, offsets: _OffsetsFile, bar: tqdm) -> None:
     _copy_into(opened, dat, bar)
 
 
-def _merged_meta(shards: list) -> dict:
-    """The meta every shard agrees on; ValueError naming the first shard that differs."""
-    for k, shard in enumerate(shards[1:], 1):
-        if shard.header.meta != shards[0].header.meta:
-            shown = [json.dumps(s.header.meta)[:80] for s in (shards[0], shard)]
-            raise ValueError(f"merge_maps: shard {k} ({shard.where}) has meta {shown[1]}, but shard 0 "
-                             f"has {shown[0]}; pass meta= to say what the merged map's is")
-    return shards[0].header.meta if shards else {}
-
-
 def _shared_fields(shards: list) -> list | None:
     """The fields every set among the shards has, in the first one's order (None: no shard is a set);
     ValueError naming a shard that differs. An empty single map, what a build of no items writes,
@@ -1342,18 +1347,14 @@ def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True
     missing); nothing is written then. The bytes are copied by the kernel where possible and the
     hash is computed from what was written. Each shard's files are checked for consistency, not
     re-hashed: run verify_hash on a shard you do not trust. Same crash safety as build_map.
-    Memory: bounded, whatever the count; one shard open at a time.
+    Memory: about a kilobyte a shard and one batch; one shard open at a time.
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise TypeError(f"merge_maps: paths must be a list of maps, not the single path {paths!r}")
     target = map_files(out)
     given_meta = None if meta is None else _checked_meta(meta, "merge_maps")
-    shards = [_checked_shard(path) for path in paths]
-    for k, shard in enumerate(shards):
-        if _same_file(shard.files.dat, target.dat) or _same_file(shard.files.json, target.json):
-            raise ValueError(f"merge_maps: out ({target.dat}) is shard {k}; merge into a new path")
+    shards, meta = _checked_shards(paths, target, given_meta)
     names = _shared_fields(shards)
-    meta = given_meta if given_meta is not None else _merged_meta(shards)
     sets = [shard for shard in shards if isinstance(shard, _SetShard)]
     parts = {None: shards} if names is None else {name: [s.fields[name] for s in sets] for name in names}
     total_bytes = sum(s.header.total_rows * s.header.row_bytes for part in parts.values() for s in part)

@@ -248,6 +248,18 @@ def test_merge_memory_does_not_grow_with_the_count(in_tmp):
     assert pm.verify_hash("merged800000", progress=False)
 
 
+def test_merge_memory_does_not_grow_with_the_shards_meta(in_tmp):
+    vocab = {"vocab": {f"token{k}": k for k in range(10_000)}}  # a tokenizer's, 0.2 MB of JSON
+    peaks = []
+    for n in (5, 40):
+        for k in range(n):
+            pm.build_map([np.arange(k % 4, dtype=np.int32)], f"part{n}-{k}", progress=False, meta=vocab)
+        peaks.append(traced_peak(lambda: pm.merge_maps([f"part{n}-{k}" for k in range(n)], f"merged{n}",
+                                                       progress=False)))
+    assert peaks[1] < peaks[0] + (1 << 20)  # before: every shard's meta kept, 1 MB of Python objects a shard
+    assert read_json("merged40")["meta"] == vocab and pm.get_loader_fn("merged40")[1] == 40
+
+
 def test_damaged_shard_offsets_stop_the_merge(in_tmp):
     names = build_shards([tokens(10, seed=1), tokens(10, seed=2)])
     starts = np.load("shard1.starts.npy")
