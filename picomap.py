@@ -1127,8 +1127,10 @@ class MapWriter:
         """Commit: write what is left and put the map in place at once; return its json."""
         if self.header is not None:
             return self.header
-        if self._items is None:  # no item: a map of none, even where dtype= named fields (merge_maps
-            self._dtype = None if isinstance(self._dtype, dict) else self._dtype  # takes it beside sets)
+        if self._items is None:
+            # no item: an empty map, even where dtype= named fields; merge_maps takes it beside sets
+            if isinstance(self._dtype, dict):
+                self._dtype = None
             self._start(False, None)
         try:
             header = self._items.finish(self._meta)
@@ -1180,12 +1182,13 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
     dtype and the trailing shape ``shape[1:]`` (of each field, for dicts); the first dimension is
     ragged and may be 0. Items are stored in C order and never cast, each as it was when the
     iterable yielded it (a source may refill one buffer for every item). An empty list is a
-    0-length item of the map's dtype, and no items at all an empty map (whose layout is ``dtype``,
-    if that is one dtype; ``merge_maps`` takes it beside sets too). ``dtype`` (anything ``np.dtype`` takes; for dicts, a dict of
-    field names to those) converts every item to it: a value that does not fit (out of an integer's
-    range, a fraction for an integer, an overflow to infinity) raises ValueError naming the item,
-    never wraps. ``meta`` is a JSON-serialisable dict of your own, stored under ``"meta"``. The
-    folder is created if missing. ``MapWriter`` does the same for items pushed one at a time.
+    0-length item of the map's dtype; no items at all make an empty map (of ``dtype``, if that is
+    one dtype), which ``merge_maps`` takes beside sets too. ``dtype`` (anything ``np.dtype`` takes;
+    for dicts, a dict of field names to those) converts every item to it: a value that does not fit
+    (out of an integer's range, a fraction for an integer, an overflow to infinity) raises
+    ValueError naming the item, never wraps. ``meta`` is a JSON-serialisable dict of your own,
+    stored under ``"meta"``. The folder is created if missing. ``MapWriter`` does the same for
+    items pushed one at a time.
 
     Raises ValueError (naming the item, and the field) for a 0-d item, one whose dtype or trailing
     shape differs, a missing or extra field, or a dtype a json cannot record; TypeError for object
@@ -1250,13 +1253,14 @@ def _shared_layout(shards: list[_Shard]) -> tuple[np.dtype, tuple, str | None]:
     if not with_items:
         return (*_EMPTY_LAYOUT, None)
     first_k, first = with_items[0]
+    theirs = first.header
     for k, shard in with_items[1:]:
-        if (shard.header.dtype, shard.header.trail_dim, shard.header.text) != \
-                (first.header.dtype, first.header.trail_dim, first.header.text):
-            raise ValueError(f"merge_maps: shard {k} ({shard.files.dat}) holds {shard.header.text or shard.header.dtype.str} "
-                             f"items of trailing shape {shard.header.trail_dim}, but shard {first_k} ({first.files.dat}) "
-                             f"holds {first.header.text or first.header.dtype.str} of {first.header.trail_dim}")
-    return first.header.dtype, first.header.trail_dim, first.header.text
+        mine = shard.header
+        if (mine.dtype, mine.trail_dim, mine.text) != (theirs.dtype, theirs.trail_dim, theirs.text):
+            raise ValueError(f"merge_maps: shard {k} ({shard.files.dat}) holds {mine.text or mine.dtype.str} items of "
+                             f"trailing shape {mine.trail_dim}, but shard {first_k} ({first.files.dat}) holds "
+                             f"{theirs.text or theirs.dtype.str} of {theirs.trail_dim}")
+    return theirs.dtype, theirs.trail_dim, theirs.text
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -1839,7 +1843,8 @@ class _SetLoader(MapLoader):
 
     def _serve_fields(self, files: MapFiles, header: SetHeader, fields: dict) -> None:
         some = next(iter(fields.values()))
-        self._files, self._header, self._fields, self._first, self._count = files, header, fields, some._first, len(some)
+        self._files, self._header, self._fields = files, header, fields
+        self._first, self._count = some._first, len(some)
         # (name, the field's bound __call__): load(i) then skips a lookup a field
         self._calls = tuple((name, field.__call__) for name, field in fields.items())
 
