@@ -58,6 +58,20 @@ def test_text_items_round_trip_as_str_and_bytes(in_tmp):
         assert pickle.loads(pickle.dumps(load))(3) == items[3]
 
 
+def test_text_that_is_not_utf8_on_disk_is_refused_naming_the_item(in_tmp):
+    pm.build_map(["ok", "é", "fine"], "toy", progress=False)
+    data = bytearray(Path("toy.dat").read_bytes())
+    data[2] = 0xFF  # the first byte of "é": no UTF-8 sequence starts so
+    Path("toy.dat").write_bytes(bytes(data))
+    load, _ = pm.get_loader_fn("toy")
+    assert load(0) == "ok" and load(2) == "fine"
+    for i in (1, -2):
+        with pytest.raises(ValueError, match=f"toy.dat: item {i} is not UTF-8"):
+            load(i)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        pm.verify_hash("toy", progress=False)
+
+
 def test_text_and_its_bytes_as_an_array_never_hash_alike(in_tmp):
     text = pm.build_map(TEXTS, "text", progress=False)["hash"]
     raw = pm.build_map([t.encode() for t in TEXTS], "raw", progress=False)["hash"]
@@ -142,6 +156,7 @@ def test_a_set_loads_dicts_with_per_field_attributes(in_tmp):
     assert load.starts["audio"].tolist() == load.fields["audio"].starts.tolist()
     assert load.access == {"audio": "cached", "tokens": "cached", "text": "cached"}
     assert load.fields["tokens"].fields is None and load.hash == oracle_set_hash(items)
+    assert repr(load) == "<picomap.MapLoader 'ds': 12 items of fields audio float32 (*, 2), tokens int32 (*), text str>"
     part = load[3:7]
     assert len(part) == 4 and all(list(part(k)) == list(items[0]) for k in range(4))
     assert same_items(part(-1), items[6])
@@ -411,6 +426,21 @@ def test_a_pickled_set_loader_and_its_slices_load_the_same_dicts(in_tmp):
     pm.build_map(clips(seed=3), "ds", progress=False)
     with pytest.raises(ValueError, match="replaced since this loader was pickled"):
         pickle.loads(blob)
+
+
+def test_a_pickle_never_serves_a_set_as_a_single_map_or_the_reverse(in_tmp):
+    pm.build_map(clips(), "ds", progress=False)
+    set_blob = pickle.dumps(pm.get_loader_fn("ds")[0])
+    pm.build_map(tokens(5), "plain", progress=False)
+    plain_blob = pickle.dumps(pm.get_loader_fn("plain")[0])
+    pm.build_map(clips(3), "plain", progress=False)
+    with pytest.raises(ValueError, match="plain.json: a set of fields, where a single map was expected"):
+        pickle.loads(plain_blob)
+    set_hash = read_json("ds")["hash"]
+    pm.build_map(tokens(5), "ds", progress=False)  # a single map whose json was given the set's hash
+    write_json("ds", {**read_json("ds"), "hash": set_hash})
+    with pytest.raises(ValueError, match="ds.json: no longer a set of fields"):
+        pickle.loads(set_blob)
 
 
 def pad_batch(samples):
