@@ -989,13 +989,12 @@ class _SetWriter:
     def __init__(self, folder: Path, first: dict, dtypes: dict):
         if not first:
             raise ValueError("item 0: a dict of no fields; a set needs at least one")
+        by_case = {}
         for name in first:
             if not _is_field_name(name):
                 raise ValueError(f"item 0: field name {name!r} cannot name its map's files: use at most 100 "
                                  "letters, digits, _, - and . (not first), not ending .dat, .json or .starts.npy")
-        by_case = {}
-        for name in first:  # macOS and Windows would put both fields in one file
-            other = by_case.setdefault(name.lower(), name)
+            other = by_case.setdefault(name.lower(), name)  # macOS and Windows would put both in one file
             if other != name:
                 raise ValueError(f"item 0: fields {other!r} and {name!r} differ only in case, which some file "
                                  "systems do not tell apart; rename one")
@@ -1238,11 +1237,12 @@ def _checked_shards(paths: Iterable, target: MapFiles, meta: dict | None) -> tup
             shard = _SetShard(opened.files, opened.header._replace(meta={}), fields)
         else:
             shard = _Shard(opened.files, opened.header._replace(meta={}, block_digests=None), opened.identity)
-        if meta is None and k > 0 and opened.header.meta != first_meta:
+        if k == 0:
+            first_meta = opened.header.meta
+        elif meta is None and opened.header.meta != first_meta:
             shown = [json.dumps(m)[:80] for m in (opened.header.meta, first_meta)]
             raise ValueError(f"merge_maps: shard {k} ({shard.where}) has meta {shown[0]}, but shard 0 "
                              f"has {shown[1]}; pass meta= to say what the merged map's is")
-        first_meta = opened.header.meta if k == 0 else first_meta
         shards.append(shard)
     return shards, first_meta if meta is None else meta
 
