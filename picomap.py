@@ -1,54 +1,14 @@
 """picomap: a ragged dataset of numpy arrays on disk, verified, loaded as zero-copy views.
 
-File format. A map at base path ``B`` is three files; a reader may rely on all of this:
+A map at base path ``B`` is three files: ``B.dat``, the items' bytes in C order, back to back;
+``B.starts.npy``, ``count + 1`` offsets in rows (item ``i`` is rows ``starts[i]:starts[i+1]``);
+``B.json``, the dtype, trailing shape, counts, content hash and the user's ``meta``. Dict items make
+a set: ``B.json`` naming one such map per field in ``B.fields/BUILD/``. README.md's "File format"
+is the specification of every byte and key, and of the content hash; this module implements it.
 
-``B.dat``
-    The items' bytes in C order, back to back, no header and no padding. Its size is exactly
-    ``total_rows * row_bytes``, where ``row_bytes = dtype.itemsize * prod(trail_dim)``.
-``B.starts.npy``
-    A 1-D ``.npy`` of ``count + 1`` offsets, written as little-endian uint64 (a reader accepts any
-    integer type), in rows, the units of the first dimension, not bytes: item ``i`` is rows
-    ``starts[i]:starts[i+1]`` of ``B.dat``. ``starts[0] == 0``, offsets never decrease,
-    ``starts[-1] == total_rows``.
-``B.json``
-    One JSON object. ``dtype``: numpy's ``str(dtype)`` (``"float32"``, ``">i4"``, ``"bfloat16"``
-    for ml_dtypes types), or for a structured dtype its ``.npy`` descr as a list; byte order is
-    part of it. ``trail_dim``: the trailing shape ``shape[1:]`` shared by every item, a list of
-    ints. ``count``: the number of items. ``total_rows``: the sum of their first dimensions.
-    ``hash``: the content hash, 32 hex digits. ``creation_time``: free text. Since 1.0 also
-    ``format_version`` (1) and ``meta``, the user's own JSON object, and, to locate damage,
-    ``block_digests``, one for each ``block_bytes`` of ``B.dat`` (the last block shorter): since
-    1.1 the xxh3_64 hexdigest of the little-endian uint64 xxh3_64 digests of the block's
-    ``piece_bytes`` pieces (at most 1,000 blocks, pieces of 1 MiB); without ``piece_bytes`` (1.0),
-    the xxh3_64 hexdigest of the block's bytes. Maps of picomap 0.1 lack these keys; they read as
-    version 1 with ``{}`` and no block digests. Since 1.2, ``text``: ``"str"`` or ``"bytes"`` for
-    a map of text items, each stored as its UTF-8 bytes (a bytes item as itself): dtype uint8, no
-    trailing shape.
-
-Sets. Dict items make a set at ``B``: ``B.json`` and, in the folder ``B.fields/BUILD``, one map
-as above per field (``B.fields/BUILD/audio.dat`` ...), which opens on its own. ``B.json`` holds
-``fields`` (each field's name mapped to its map's hash, in item 0's key order), ``build`` (12 hex
-digits: the folder), ``count``, ``hash``, ``creation_time``, ``format_version`` and ``meta``. A
-field's name is its map's file name: 1 to 100 of ``A-Za-z0-9_.-``, not starting with ``.`` or
-``-``, not ending ``.dat``, ``.json`` or ``.starts.npy``; no two of a set's differ only in case.
-
-Content hash. xxh3_128 (seed 0) over the byte stream ``b"D|v1|"``, then a frame for each item,
-then ``b"D|end|"``; stored as ``hexdigest()``. An item's frame is its dtype's tag, its ndim as one
-little-endian int64, its shape as little-endian int64s and its C-order bytes. The tag is
-``b"A|v1|"`` and ``dtype.str`` in ASCII (``"<f4"``) where ``dtype.str`` names the dtype alone
-(every plain numeric, bool, datetime, bytes, str and void dtype: picomap 0.1's frame), else
-``b"A|v2|"``, the length of the json's ``dtype`` text as a little-endian int64 and that text
-(structured dtypes, whose ``dtype.str`` is ``"|V8"`` whatever their fields, and ml_dtypes types).
-A text map's stream ends ``b"D|str|end|"`` (or ``b"D|bytes|end|"``) instead, so its json's
-``text`` is covered too. A set's hash is xxh3_128 over ``b"S|v1|"``, then for each field in name
-order the length of its UTF-8 name as a little-endian int64, the name and the field's hash as 16
-bytes, then ``b"S|end|"``. The hash depends only on the items: never on time, paths, the order of
-a dict's keys or how the bytes were chunked.
-
-A build writes uniquely named temporary files beside the map, fsyncs them, renames them into
-place with the json last and fsyncs the folder, so a reader sees the old map or the new one. A
-set's build writes its fields into a new ``BUILD`` folder, then renames its json into place: that
-one rename commits every field at once. The fields it replaced are deleted after.
+The sections follow the data: the format (paths, json, dtypes), the content hash, opening a map's
+files, committing a build, writing (build_map, MapWriter), merging (the writer fed whole maps),
+verifying, loading (MapLoader), sampling, and the command line.
 """
 
 from __future__ import annotations
@@ -74,7 +34,7 @@ import time
 import weakref
 from array import array
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import xxhash
@@ -102,15 +62,6 @@ BATCH_ITEMS = 1 << 16
 # Items under this many bytes on average are hashed by copying them, with their frame headers, into
 # one buffer (cheaper than two Python calls an item); larger ones are fed to xxhash where they lie.
 FRAME_COPY_BELOW = 1024
-_MAP_HEAD, _MAP_TAIL, _ITEM_TAG, _ITEM_TAG_V2 = b"D|v1|", b"D|end|", b"A|v1|", b"A|v2|"
-_SET_HEAD, _SET_TAIL = b"S|v1|", b"S|end|"
-_REQUIRED_KEYS = ("trail_dim", "hash", "dtype", "count", "total_rows")
-_EMPTY_LAYOUT = (np.dtype(np.float64), ())  # what a map of no items records; no item depends on it
-_SUFFIXES = (".dat", ".starts.npy", ".json")
-_FIELD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
-_TEXT_KINDS = {str: "str", bytes: "bytes"}  # what a text map's json may say its items are
-# Names numpy knows only once ml_dtypes is imported (bfloat16, float8_e4m3fn, int4, ...).
-_ML_DTYPE_NAME = re.compile(r"bfloat16|b?complex32|float[468]_e\w+|u?int[124]")
 # os.copy_file_range moves at most this much per call, so that the progress bar moves too.
 COPY_CHUNK_BYTES = 64 << 20
 # So that verify_hash can say which items are damaged, a build digests each 1 MiB piece of the .dat
@@ -128,7 +79,30 @@ CHECK_SHIFT = 14
 COLD_ABOVE = 0.5
 
 
-# ---------------------------------------------------------------- paths and metadata
+# ---------------------------------------------------------------- format: paths, json, dtypes
+
+_SUFFIXES = (".dat", ".starts.npy", ".json")
+_MAP_KEYS = ("trail_dim", "hash", "dtype", "count", "total_rows")
+_SET_KEYS = ("fields", "build", "hash", "count")
+_EMPTY_LAYOUT = (np.dtype(np.float64), ())  # what a map of no items records; no item depends on it
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+# Names numpy knows only once ml_dtypes is imported (bfloat16, float8_e4m3fn, int4, ...).
+_ML_DTYPE_NAME = re.compile(r"bfloat16|b?complex32|float[468]_e\w+|u?int[124]")
+
+
+class _TextKind(NamedTuple):
+    """An item kind stored as uint8 bytes: what its json's ``text`` says, its Python type, and both ways."""
+    name: str
+    type: type
+    encode: Callable
+    decode: Callable
+
+
+# A new text kind is a row here: the writer, the hash's tail, the json check and the loader read this table.
+_TEXT_KINDS = {kind.name: kind for kind in (
+    _TextKind("str", str, str.encode, lambda raw: str(raw, "utf-8")),
+    _TextKind("bytes", bytes, bytes, bytes))}
+
 
 class MapFiles(NamedTuple):
     """The three files of one map."""
@@ -153,6 +127,11 @@ def map_files(path: str | os.PathLike) -> MapFiles:
     if os.path.basename(base) in ("", ".", ".."):
         raise ValueError(f"picomap: {os.fspath(path)!r} names a folder, not a map")
     return MapFiles(Path(base + ".dat"), Path(base + ".starts.npy"), Path(base + ".json"))
+
+
+def _fields_folder(files: MapFiles) -> Path:
+    """The folder under which a set keeps each build's field maps: NAME.fields beside NAME.json."""
+    return files.json.with_name(files.json.name.removesuffix(".json") + ".fields")
 
 
 def _import_ml_dtypes(what: str, error: type[Exception]):
@@ -193,13 +172,13 @@ def _check_layout(dtype: np.dtype, where: str) -> None:
                          "out-of-order fields); use plain fields in order")
 
 
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+def _is_hex(text: Any, digits: int) -> bool:
+    return isinstance(text, str) and len(text) == digits and all(c in "0123456789abcdef" for c in text)
 
 
 def _is_build(name: Any) -> bool:
     """A set's build tag, which names its fields' folder: 12 lowercase hex digits."""
-    return isinstance(name, str) and len(name) == 12 and _is_hex(name)
+    return _is_hex(name, 12)
 
 
 def _is_count(value: Any) -> bool:
@@ -207,7 +186,12 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
-class Header(NamedTuple):
+def _is_field_name(name: Any) -> bool:
+    """A field's name is its map's file name: plain characters, and no suffix of a map's files."""
+    return isinstance(name, str) and bool(_FIELD_NAME.fullmatch(name)) and not name.endswith(_SUFFIXES)
+
+
+class _MapJson(NamedTuple):
     """What a map's json says, checked."""
     dtype: np.dtype
     trail_dim: tuple[int, ...]
@@ -224,19 +208,19 @@ class Header(NamedTuple):
     def row_bytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.trail_dim)
 
+    @property
+    def layout(self) -> tuple:
+        """What its items are: what the shards of a merge must agree on."""
+        return self.dtype, self.trail_dim, self.text
 
-class SetHeader(NamedTuple):
+
+class _SetJson(NamedTuple):
     """What a set's json says, checked."""
     fields: dict  # field name -> the hash its map's json must hold, in the items' key order
     build: str  # the folder, under NAME.fields, that holds this build's field maps
     count: int
     hash: str
     meta: dict
-
-
-def _is_field_name(name: Any) -> bool:
-    """A field's name is its map's file name: plain characters, and no suffix of a map's files."""
-    return isinstance(name, str) and bool(_FIELD_NAME.fullmatch(name)) and not name.endswith(_SUFFIXES)
 
 
 def _read_json(json_file: Path, handle) -> dict:
@@ -259,9 +243,8 @@ def _check_keys(json_file: Path, raw: dict, required: tuple) -> tuple[str, dict]
         raise ValueError(f"{json_file}: missing key(s) {', '.join(missing)}")
     if not _is_count(raw["count"]):
         raise ValueError(f"{json_file}: count must be a non-negative integer, not {raw['count']!r}")
-    digest = raw["hash"]
-    if not (isinstance(digest, str) and len(digest) == 32 and _is_hex(digest)):
-        raise ValueError(f"{json_file}: hash must be 32 lowercase hex digits, not {digest!r}")
+    if not _is_hex(raw["hash"], 32):
+        raise ValueError(f"{json_file}: hash must be 32 lowercase hex digits, not {raw['hash']!r}")
     version = raw.get("format_version", 1)
     if not _is_count(version) or version > FORMAT_VERSION:
         raise ValueError(f"{json_file}: format_version {version!r} is not one this picomap "
@@ -269,11 +252,11 @@ def _check_keys(json_file: Path, raw: dict, required: tuple) -> tuple[str, dict]
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         raise ValueError(f"{json_file}: meta must be a JSON object, not {type(meta).__name__}")
-    return digest, meta
+    return raw["hash"], meta
 
 
-def _read_header(json_file: Path, raw: dict) -> Header:
-    digest, meta = _check_keys(json_file, raw, _REQUIRED_KEYS)
+def _read_map_json(json_file: Path, raw: dict) -> _MapJson:
+    digest, meta = _check_keys(json_file, raw, _MAP_KEYS)
     if not _is_count(raw["total_rows"]):
         raise ValueError(f"{json_file}: total_rows must be a non-negative integer, not {raw['total_rows']!r}")
     trail = raw["trail_dim"]
@@ -282,7 +265,7 @@ def _read_header(json_file: Path, raw: dict) -> Header:
     block_bytes, blocks = raw.get("block_bytes"), raw.get("block_digests")
     if (block_bytes is None) != (blocks is None) or blocks is not None and not (
             _is_count(block_bytes) and block_bytes > 0 and isinstance(blocks, list)
-            and all(isinstance(b, str) and len(b) == 16 and _is_hex(b) for b in blocks)):
+            and all(_is_hex(b, 16) for b in blocks)):
         raise ValueError(f"{json_file}: block_bytes must be a positive integer and block_digests a list of "
                          "16-hex-digit strings, both or neither")
     pieces = raw.get("piece_bytes")
@@ -290,33 +273,282 @@ def _read_header(json_file: Path, raw: dict) -> Header:
                                    and block_bytes % pieces == 0):
         raise ValueError(f"{json_file}: piece_bytes must be a positive integer that divides block_bytes")
     dtype, text = _dtype_from_json(raw["dtype"], json_file), raw.get("text")
-    if text is not None and (text not in _TEXT_KINDS.values() or dtype != np.uint8 or trail):
+    if text is not None and (text not in _TEXT_KINDS or dtype != np.uint8 or trail):
         raise ValueError(f"{json_file}: text must be \"str\" or \"bytes\", and only for uint8 items of no "
                          f"trailing shape, not {text!r} for {dtype} {tuple(trail)}")
-    return Header(dtype, tuple(trail), raw["count"], raw["total_rows"], digest, meta, block_bytes, blocks,
-                  pieces, text)
+    return _MapJson(dtype, tuple(trail), raw["count"], raw["total_rows"], digest, meta, block_bytes, blocks,
+                    pieces, text)
 
 
-def _read_set_header(json_file: Path, raw: dict) -> SetHeader:
-    digest, meta = _check_keys(json_file, raw, ("fields", "build", "hash", "count"))
+def _read_set_json(json_file: Path, raw: dict) -> _SetJson:
+    digest, meta = _check_keys(json_file, raw, _SET_KEYS)
     fields, build = raw["fields"], raw["build"]
     if not (isinstance(fields, dict) and fields and all(
-            _is_field_name(name) and isinstance(h, str) and len(h) == 32 and _is_hex(h) for name, h in fields.items())):
+            _is_field_name(name) and _is_hex(h, 32) for name, h in fields.items())):
         raise ValueError(f"{json_file}: fields must map field names (letters, digits, _ . -) to 32-hex-digit "
                          "hashes")
     if not _is_build(build):
         raise ValueError(f"{json_file}: build must be 12 hex digits, not {build!r}")
-    return SetHeader(fields, build, raw["count"], digest, meta)
+    return _SetJson(fields, build, raw["count"], digest, meta)
 
 
-def _map_file(handle) -> mmap.mmap:
+def _map_json(layout: tuple, count: int, total_rows: int, digest: str, blocks: dict, meta: dict) -> dict:
+    """A map's json. The 0.1 keys come first, with their 0.1 meanings, so a 0.1 reader still loads it."""
+    dtype, trail, text = layout
+    header = {"trail_dim": list(trail), "hash": digest, "creation_time": _now(), "dtype": _dtype_to_json(dtype),
+              "count": count, "total_rows": total_rows, "format_version": FORMAT_VERSION, "meta": meta, **blocks}
+    if text is not None:
+        header["text"] = text
+    return header
+
+
+def _set_json(fields: dict, build: str, meta: dict) -> dict:
+    """A set's json, from its fields' jsons (in the items' key order)."""
+    hashes = {name: field["hash"] for name, field in fields.items()}
+    return {"fields": hashes, "build": build, "count": next(iter(fields.values()))["count"],
+            "hash": _set_hash(hashes), "creation_time": _now(), "format_version": FORMAT_VERSION, "meta": meta}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---------------------------------------------------------------- content hash and digests
+
+_MAP_HEAD, _MAP_TAIL, _ITEM_TAG, _ITEM_TAG_V2 = b"D|v1|", b"D|end|", b"A|v1|", b"A|v2|"
+_SET_HEAD, _SET_TAIL = b"S|v1|", b"S|end|"
+
+
+def _as_bytes(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous array's bytes as a flat uint8 view (works for datetimes, which refuse buffers)."""
+    return arr.reshape(-1).view(np.uint8)
+
+
+def _dtype_tag(dtype: np.dtype) -> bytes:
+    """The start of every frame of this dtype: v1 (picomap 0.1's) where ``dtype.str`` names the dtype
+    alone, else v2, which names it by its json text (structured dtypes, ml_dtypes types)."""
+    with contextlib.suppress(TypeError):  # ml_dtypes' float8_e5m2 says "<f1", which numpy cannot parse
+        if np.dtype(dtype.str) == dtype:
+            return _ITEM_TAG + dtype.str.encode("ascii")
+    text = json.dumps(_dtype_to_json(dtype)).encode()
+    return _ITEM_TAG_V2 + struct.pack("<q", len(text)) + text
+
+
+def _frame_header(dtype: np.dtype, shape: tuple) -> bytes:
+    """What precedes an item's bytes in the hashed stream: its dtype's tag, ndim and shape."""
+    return _dtype_tag(dtype) + struct.pack(f"<{len(shape) + 1}q", len(shape), *shape)
+
+
+def _map_tail(text: str | None) -> bytes:
+    """The end of a map's hashed stream: for text maps it also says which text, str or bytes."""
+    return _MAP_TAIL if text is None else b"D|" + text.encode() + _MAP_TAIL[1:]
+
+
+def _set_hash(fields: dict) -> str:
+    """A set's hash: xxh3_128 of its fields' names and hashes, in name order, framed."""
+    h = xxhash.xxh3_128(_SET_HEAD)
+    for name in sorted(fields):
+        encoded = name.encode()
+        h.update(struct.pack("<q", len(encoded)) + encoded + bytes.fromhex(fields[name]))
+    h.update(_SET_TAIL)
+    return h.hexdigest()
+
+
+def update_hash_with_array(h, arr) -> Any:
+    """Feed one item's frame into the xxhash object ``h`` and return ``h``.
+
+    The frame is the dtype's tag, ndim and shape as little-endian int64s, then the C-order bytes,
+    so equal arrays always hash alike, whatever their memory layout. The tag is ``b"A|v1|"`` and
+    ``dtype.str`` (picomap 0.1's frame) where that names the dtype, else ``b"A|v2|"`` with the
+    json's dtype text, so that two dtypes of the same bytes never hash alike::
+
+        >>> h = xxhash.xxh3_128(b"D|v1|")
+        >>> update_hash_with_array(h, np.arange(3, dtype=np.int32)).update(b"D|end|")
+
+    gives the hash ``build_map`` stores for that one-item map. Cost: one pass over the bytes
+    (plus a copy when ``arr`` is not C-contiguous).
+    """
+    arr = np.asarray(arr, order="C")
+    h.update(_frame_header(arr.dtype, arr.shape))
+    h.update(_as_bytes(arr))
+    return h
+
+
+def _update_hash_with_items(h, rows: np.ndarray, lengths: np.ndarray) -> None:
+    """Feed the frames of consecutive items into h: ``rows`` holds their rows back to back (C order),
+    ``lengths`` their first dimensions. The same stream as update_hash_with_array on each item, in
+    far fewer calls: small items are framed into one buffer, large ones are hashed in place."""
+    if len(lengths) == 0:
+        return
+    trail = rows.shape[1:]
+    one = np.frombuffer(_frame_header(rows.dtype, (0, *trail)), np.uint8)
+    headers = np.tile(one, (len(lengths), 1))  # the frames differ only in the first dimension, ...
+    at = len(one) - 8 * (len(trail) + 1)  # ... the int64 before the trailing shape's
+    headers[:, at:at + 8] = lengths.astype("<i8").view(np.uint8).reshape(-1, 8)
+    data, row_bytes = _as_bytes(rows), rows.dtype.itemsize * math.prod(trail)
+    if data.nbytes < FRAME_COPY_BELOW * len(lengths):
+        h.update(_interleave(headers, data, lengths, row_bytes))
+        return
+    update, width = h.update, headers.shape[1]
+    heads, body, start = memoryview(headers.reshape(-1)), memoryview(data), 0
+    for k, end in enumerate(np.cumsum(lengths * row_bytes).tolist()):
+        update(heads[k * width:(k + 1) * width])
+        update(body[start:end])
+        start = end
+
+
+def _interleave(headers: np.ndarray, data: np.ndarray, lengths: np.ndarray, row_bytes: int) -> np.ndarray:
+    """header 0, item 0's bytes, header 1, item 1's bytes, ... as one array, built by numpy.
+
+    Example: two headers of 4 bytes HHHH, hhhh, items of 2 and 1 rows of 2 bytes (aabb, c):
+    counts = [4, 4, 4, 2] bytes (in units of gcd(4, 2, 8) = 2 bytes: [2, 2, 2, 1]); the mask
+    repeats [header, data] by those counts, and the result is HHHH aabb hhhh cc."""
+    n, width = headers.shape
+    unit = np.dtype(f"u{math.gcd(width, row_bytes, 8)}")  # the widest unit every piece is made of
+    counts = np.empty(2 * n, np.int64)
+    counts[0::2], counts[1::2] = width // unit.itemsize, lengths * (row_bytes // unit.itemsize)
+    is_data = np.repeat(np.tile([False, True], n), counts)
+    framed = np.empty(len(is_data), unit)
+    framed[is_data] = data.view(unit)
+    framed[~is_data] = headers.view(unit).ravel()
+    return framed
+
+
+class _BlockDigests:
+    """xxh3_64 of each consecutive piece_bytes of a byte stream fed in pieces of any size: 8 bytes
+    of memory a piece, 8 MB for a terabyte."""
+
+    def __init__(self, piece_bytes: int):
+        self.piece_bytes, self.digests = piece_bytes, array("Q")
+        self.hash, self.left = xxhash.xxh3_64(), piece_bytes
+
+    def update(self, data: np.ndarray) -> None:
+        data = memoryview(data).cast("B")
+        while len(data):
+            piece, data = data[:self.left], data[self.left:]
+            self.hash.update(piece)
+            self.left -= len(piece)
+            if self.left == 0:
+                self.digests.append(self.hash.intdigest())
+                self.hash, self.left = xxhash.xxh3_64(), self.piece_bytes
+
+    def pieces(self) -> array:
+        """The digest of every piece, the last, partial one included."""
+        if self.left < self.piece_bytes:
+            self.digests.append(self.hash.intdigest())
+            self.hash, self.left = xxhash.xxh3_64(), self.piece_bytes
+        return self.digests
+
+    def grouped(self, per_block: int | None = None) -> dict:
+        """The json's keys: pieces grouped into at most MAX_BLOCKS blocks (or per_block pieces a block),
+        a block's digest being the xxh3_64 of its pieces' digests as little-endian uint64s."""
+        pieces = self.pieces()
+        per_block = per_block or max(1, -(-len(pieces) // MAX_BLOCKS))
+        digests = [xxhash.xxh3_64(np.array(pieces[k:k + per_block], "<u8").tobytes()).hexdigest()
+                   for k in range(0, len(pieces), per_block)]
+        return {"block_bytes": per_block * self.piece_bytes, "piece_bytes": self.piece_bytes,
+                "block_digests": digests}
+
+
+# ---------------------------------------------------------------- opening: files, locks, mappings
+
+class _Map(NamedTuple):
+    """A map's files, opened and checked in O(1): its json and its two mapped arrays."""
+    files: MapFiles
+    header: _MapJson
+    starts: np.ndarray  # int64, count + 1, mapped; only both ends checked
+    data: np.ndarray  # read-only, mapped
+    identity: tuple  # the mapped .dat's device, inode, size and mtime: the file, not its name
+
+
+class _Set(NamedTuple):
+    """A set's json and each field's _Map, opened and checked against each other."""
+    files: MapFiles  # only its json is the set's own file
+    header: _SetJson
+    fields: dict  # field name -> _Map
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, exclusive: bool):
+    """Hold flock on the folder: a commit takes it exclusively, an opener shared, so no opener reads
+    the json of one build with the data of another. Where flock is missing, go on without it."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open(path: str | os.PathLike) -> _Map | _Set:
+    """Open, check and map the map or set at path, in O(1) time and memory whatever its item count."""
+    files = map_files(path)
+    # one shared lock for all the files, the fields' too: a commit waits for it, so they are one build's
+    with _folder_lock(files.json.parent, exclusive=False):
+        with _regular_file(files.json) as handle:
+            raw = _read_json(files.json, handle)
+        if "fields" in raw:
+            return _open_set(files, _read_set_json(files.json, raw))
+        header = _read_map_json(files.json, raw)
+        with _regular_file(files.starts) as handle:
+            starts = _map_starts(files.starts, handle, header)
+        with _regular_file(files.dat) as handle:  # size check and mapping on one handle: one file, never two
+            return _Map(files, header, starts, _map_rows(handle, files, header), _identity(handle))
+
+
+def _open_map(path: str | os.PathLike) -> _Map:
+    """_open for a single map: ValueError if path holds a set."""
+    opened = _open(path)
+    if isinstance(opened, _Set):
+        raise ValueError(f"{opened.files.json}: a set of fields, where a single map was expected")
+    return opened
+
+
+def _open_set(files: MapFiles, header: _SetJson) -> _Set:
+    folder = _fields_folder(files) / header.build
+    fields = {}
+    for name, digest in header.fields.items():
+        field = _open_map(folder / name)
+        if field.header.hash != digest or field.header.count != header.count:
+            raise ValueError(f"{files.json}: field {name!r} ({field.files.json}) holds {field.header.count} items "
+                             f"of hash {field.header.hash}, not the {header.count} of hash {digest} the set "
+                             "records: it comes from another build")
+        fields[name] = field
+    return _Set(files, header, fields)
+
+
+def _regular_file(path: Path):
+    """path opened for reading, if it is a regular file: never blocks on a FIFO or reads a device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (a map is three files side by side: "
+                                "NAME.dat, NAME.starts.npy and NAME.json)") from None
+    except IsADirectoryError:  # where a folder cannot be opened at all
+        raise ValueError(f"{path}: a folder, not a map file") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file (a folder, FIFO or device); a map is three regular files")
+    return os.fdopen(fd, "rb")
+
+
+def _identity(handle) -> tuple:
+    info = os.fstat(handle.fileno())
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _mmap(handle) -> mmap.mmap:
     # From Python 3.13 a mapping need not keep a duplicate of the file descriptor: then an open
     # map holds no descriptor at all, however many are open.
     no_fd = {"trackfd": False} if sys.version_info >= (3, 13) else {}
     return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ, **no_fd)
 
 
-def _map_starts(starts_file: Path, handle, header: Header) -> np.ndarray:
+def _map_starts(starts_file: Path, handle, header: _MapJson) -> np.ndarray:
     """The offsets as a read-only int64 array, mapped, not read: the header, the size and the first
     and last offsets are checked here, the rest by whoever reads them (``_check_offsets``)."""
     try:
@@ -340,7 +572,7 @@ def _map_starts(starts_file: Path, handle, header: Header) -> np.ndarray:
         raise ValueError(f"{starts_file}: {left} bytes of offsets where {dtype.itemsize * shape[0]} "
                          "are needed (file seems not fully written?)")
     if dtype.itemsize == 8 and dtype.isnative:  # as picomap writes them; uint64 values past 2**63 turn negative
-        starts = np.ndarray(shape, dtype, buffer=_map_file(handle), offset=offset).view(np.int64)
+        starts = np.ndarray(shape, dtype, buffer=_mmap(handle), offset=offset).view(np.int64)
     else:  # another writer's integers: read and converted, O(N), since they cannot be mapped as int64
         starts = np.fromfile(handle, dtype, shape[0]).astype(np.int64)
         starts.flags.writeable = False
@@ -350,6 +582,24 @@ def _map_starts(starts_file: Path, handle, header: Header) -> np.ndarray:
         raise ValueError(f"{starts_file}: the last offset is {starts[-1]} but the json says "
                          f"total_rows={header.total_rows}")
     return starts
+
+
+def _map_rows(handle, files: MapFiles, header: _MapJson) -> np.ndarray:
+    """An open .dat's rows as a read-only array of shape (total_rows, *trail_dim), once its size is checked."""
+    size, expected = os.fstat(handle.fileno()).st_size, header.total_rows * header.row_bytes
+    if size != expected:
+        raise ValueError(f"{files.dat}: holds {size} bytes but the json says {header.total_rows} rows "
+                         f"of {header.row_bytes} bytes = {expected} (file seems not fully written?)")
+    shape = (header.total_rows, *header.trail_dim)
+    try:
+        if size == 0:  # mmap refuses empty files
+            rows = np.empty(shape, header.dtype)
+            rows.flags.writeable = False
+            return rows
+        # read-only, because the mapping is; the mapping outlives the handle
+        return np.ndarray(shape, header.dtype, buffer=_mmap(handle))
+    except ValueError as e:  # numpy's own message would not say which map
+        raise ValueError(f"{files.json}: shape {shape} of {header.dtype} is not a valid array ({e})") from None
 
 
 def _check_offsets(offsets: np.ndarray, first_item: int, low: int, high: int, where: Path) -> None:
@@ -364,185 +614,32 @@ def _check_offsets(offsets: np.ndarray, first_item: int, low: int, high: int, wh
                          f"{offsets[0]} to {offsets[-1]}, outside rows {low}-{high} that the items around them leave")
 
 
-def _checked_runs(starts: np.ndarray, where: Path):
-    """Yield a map's offsets in runs of BATCH_ITEMS items (each run's last offset is the next one's
-    first), each run checked: once the generator is exhausted every offset was."""
-    for i in range(0, len(starts) - 1, BATCH_ITEMS):
-        offsets = starts[i:i + BATCH_ITEMS + 1]
+def _runs(starts: np.ndarray, row_bytes: int, where: Path):
+    """Yield ``(i, offsets)``: the offsets of items i, i+1, ..., each run holding about 4 batches of
+    bytes (at least one item, at most BATCH_ITEMS) and checked before it is yielded. Each run's last
+    offset is the next one's first; once the generator is exhausted every offset was checked."""
+    rows_per_run, count, i = max(1, 4 * BATCH_BYTES // max(row_bytes, 1)), len(starts) - 1, 0
+    while i < count:
+        window = starts[i:i + BATCH_ITEMS + 1]
+        end_row = min(int(window[0]) + rows_per_run, 2**63 - 1)
+        j = min(max(i + int(np.searchsorted(window, end_row, side="right")) - 1, i + 1), count)
+        offsets = starts[i:j + 1]
         _check_offsets(offsets, i, 0, int(starts[-1]), where)
-        yield offsets
+        yield i, offsets
+        i = j
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path, exclusive: bool):
-    """Hold flock on the folder: a commit takes it exclusively, an opener shared, so no opener reads
-    the json of one build with the data of another. Where flock is missing, go on without it."""
-    fd = None
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-    try:
-        yield fd
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _open_file(path: Path):
-    """path opened for reading, if it is a regular file: never blocks on a FIFO or reads a device."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (a map is three files side by side: "
-                                "NAME.dat, NAME.starts.npy and NAME.json)") from None
-    except IsADirectoryError:  # where a folder cannot be opened at all
-        raise ValueError(f"{path}: a folder, not a map file") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError(f"{path}: not a regular file (a folder, FIFO or device); a map is three regular files")
-    return os.fdopen(fd, "rb")
-
-
-def _map_rows(handle, files: MapFiles, header: Header) -> np.ndarray:
-    """An open .dat's rows as a read-only array of shape (total_rows, *trail_dim), once its size is checked."""
-    size, expected = os.fstat(handle.fileno()).st_size, header.total_rows * header.row_bytes
-    if size != expected:
-        raise ValueError(f"{files.dat}: holds {size} bytes but the json says {header.total_rows} rows "
-                         f"of {header.row_bytes} bytes = {expected} (file seems not fully written?)")
-    shape = (header.total_rows, *header.trail_dim)
-    try:
-        if size == 0:  # mmap refuses empty files
-            rows = np.empty(shape, header.dtype)
-            rows.flags.writeable = False
-            return rows
-        # read-only, because the mapping is; the mapping outlives the handle
-        return np.ndarray(shape, header.dtype, buffer=_map_file(handle))
-    except ValueError as e:  # numpy's own message would not say which map
-        raise ValueError(f"{files.json}: shape {shape} of {header.dtype} is not a valid array ({e})") from None
-
-
-class OpenedMap(NamedTuple):
-    files: MapFiles
-    header: Header
-    starts: np.ndarray  # int64, count + 1, mapped; only both ends checked
-    data: np.ndarray  # read-only, mapped
-    identity: tuple  # the mapped .dat's device, inode, size and mtime: the file, not its name
-
-
-def _identity(handle) -> tuple:
-    info = os.fstat(handle.fileno())
-    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
-
-
-class OpenedSet(NamedTuple):
-    files: MapFiles  # only its json is the set's own file
-    header: SetHeader
-    fields: dict  # field name -> OpenedMap
-
-
-def _fields_folder(files: MapFiles) -> Path:
-    """The folder under which a set keeps each build's field maps: NAME.fields beside NAME.json."""
-    return files.json.with_name(files.json.name.removesuffix(".json") + ".fields")
-
-
-def _open(path: str | os.PathLike) -> OpenedMap | OpenedSet:
-    """Open, check and map the map or set at path, in O(1) time and memory whatever its item count."""
-    files = map_files(path)
-    # one shared lock for all the files, the fields' too: a commit waits for it, so they are one build's
-    with _folder_lock(files.json.parent, exclusive=False):
-        with _open_file(files.json) as handle:
-            raw = _read_json(files.json, handle)
-        if "fields" in raw:
-            return _open_set(files, _read_set_header(files.json, raw))
-        header = _read_header(files.json, raw)
-        with _open_file(files.starts) as handle:
-            starts = _map_starts(files.starts, handle, header)
-        with _open_file(files.dat) as handle:  # size check and mapping on one handle: one file, never two
-            return OpenedMap(files, header, starts, _map_rows(handle, files, header), _identity(handle))
-
-
-def _open_map(path: str | os.PathLike) -> OpenedMap:
-    """_open for a single map: ValueError if path holds a set."""
-    opened = _open(path)
-    if isinstance(opened, OpenedSet):
-        raise ValueError(f"{opened.files.json}: a set of fields, where a single map was expected")
-    return opened
-
-
-def _open_set(files: MapFiles, header: SetHeader) -> OpenedSet:
-    folder = _fields_folder(files) / header.build
-    fields = {}
-    for name, digest in header.fields.items():
-        field = _open_map(folder / name)
-        if field.header.hash != digest or field.header.count != header.count:
-            raise ValueError(f"{files.json}: field {name!r} ({field.files.json}) holds {field.header.count} items "
-                             f"of hash {field.header.hash}, not the {header.count} of hash {digest} the set "
-                             "records: it comes from another build")
-        fields[name] = field
-    return OpenedSet(files, header, fields)
-
-
-# ---------------------------------------------------------------- atomic commit
-
-def _claim(path: Path) -> int:
-    """Create path (a new temporary name) and hold an exclusive flock on it while this process
-    lives: that is how a later build tells a live build's temporaries from abandoned ones."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        raise PermissionError(e.errno, f"{path.parent}: cannot create files there (read-only?); "
-                              "nothing was changed") from None
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def _is_held(path: Path) -> bool:
-    """Whether some process holds a flock on path (its build is alive)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _live_tags(files: MapFiles) -> tuple[set, dict]:
-    """The tags of the builds of this map whose process is alive (it holds a flock on one of its
-    temporaries), and of the abandoned ones (a SIGKILL, a power cut): (live, abandoned)."""
-    found: dict[str, list[Path]] = {}
-    for final in files:
-        for temp in files.dat.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
-            found.setdefault(temp.name[len(final.name) + 2:-len(".tmp")], []).append(temp)
-    live = {tag for tag, temps in found.items() if any(_is_held(t) for t in temps)}
-    return live, {tag: found[tag] for tag in found.keys() - live}
-
-
-def _remove_abandoned(files: MapFiles) -> None:
-    """Delete the temporaries of builds of this map whose process is gone; those of live builds
-    keep their flock and are left alone. (A set's abandoned field folders go at its next commit.)"""
-    if fcntl is None:  # no way to tell a live build from a dead one
-        return
-    for temps in _live_tags(files)[1].values():
-        for temp in temps:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-
+# ---------------------------------------------------------------- commit
 
 class _Staging:
     """One build's temporaries beside the map at ``files`` (and, for a set, its field folder):
-    ``commit()`` renames them into place, json last; ``discard()`` removes them. Whatever map was at
-    ``files`` is untouched until the commit, and replaced at once by it.
+    the writers fill ``temps`` (or ``folder``), ``commit()`` renames them into place, json last;
+    ``discard()`` removes them. Whatever map was at ``files`` is untouched until the commit, and
+    replaced at once by it.
 
-    A process killed outright leaves its temporaries; the next build of the same map removes them.
+    A live build holds an exclusive flock on one of its temporaries, its claim, for its whole life;
+    a process killed outright leaves its temporaries unlocked, and the next build of the same map
+    removes them. That lock is how one build tells another's live files from abandoned ones.
     """
 
     def __init__(self, files: MapFiles, is_set: bool):
@@ -550,12 +647,11 @@ class _Staging:
         _remove_abandoned(files)
         self.files, self.tag, self.is_set = files, secrets.token_hex(6), is_set
         self.temps = MapFiles(*(p.with_name(f".{p.name}.{self.tag}.tmp") for p in files))
-        # held while this process lives: how a later build tells a live build's files from abandoned ones
         self.claim: int | None = _claim(self.temps.json if is_set else self.temps.dat)
         self.folder = _fields_folder(files) / self.tag if is_set else None  # the set's field maps
 
-    def commit(self, header: dict) -> None:
-        _write_json(self.temps.json, header)
+    def commit(self) -> None:
+        """Put the written temporaries in place: the json's rename is the moment the new map appears."""
         try:
             if self.is_set:  # the field maps' files were fsynced; now their names
                 _fsync_folder(self.folder)
@@ -606,6 +702,57 @@ class _Staging:
             self.claim = None
 
 
+def _claim(path: Path) -> int:
+    """Create path (a new temporary name) and hold an exclusive flock on it while this process lives."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise PermissionError(e.errno, f"{path.parent}: cannot create files there (read-only?); "
+                              "nothing was changed") from None
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _is_held(path: Path) -> bool:
+    """Whether some process holds a flock on path (its build is alive)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _live_tags(files: MapFiles) -> tuple[set, dict]:
+    """The tags of the builds of this map that are alive, and the temporaries of the abandoned
+    ones (a SIGKILL, a power cut) by tag: (live, abandoned)."""
+    found: dict[str, list[Path]] = {}
+    for final in files:
+        for temp in files.dat.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+            found.setdefault(temp.name[len(final.name) + 2:-len(".tmp")], []).append(temp)
+    live = {tag for tag, temps in found.items() if any(_is_held(t) for t in temps)}
+    return live, {tag: found[tag] for tag in found.keys() - live}
+
+
+def _remove_abandoned(files: MapFiles) -> None:
+    """Delete the temporaries of builds of this map whose process is gone. (A set's abandoned field
+    folders go at its next commit.)"""
+    if fcntl is None:  # no way to tell a live build from a dead one
+        return
+    for temps in _live_tags(files)[1].values():
+        for temp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+
+
 def _fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -614,201 +761,12 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _new_file(path: Path):
-    """Yield the temporary path open for writing (from empty), then flush and fsync it."""
+def _write_json(path: Path, header: dict) -> None:
+    """The one place a json is written: a map's, a field's or a set's, into its temporary or build folder."""
     with open(path, "wb") as handle:
-        yield handle
+        handle.write(json.dumps(header).encode())
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _npy_header(count: int) -> bytes:
-    """The .npy header np.save writes for ``count`` uint64 offsets: 128 bytes whatever the count,
-    since numpy pads headers to a multiple of 64."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<u8", "fortran_order": False, "shape": (count,)})
-    return header.getvalue()
-
-
-class _OffsetsFile:
-    """Row offsets streamed into an open .npy file, so no process ever holds them all; the header,
-    which holds their count, is written over its placeholder last."""
-
-    def __init__(self, handle):
-        self.handle, self.count, self.end = handle, 0, 0
-        handle.write(_npy_header(0))
-        self.append(np.zeros(1, np.int64))
-
-    def append(self, offsets: np.ndarray) -> None:
-        """Add offsets (int64, never decreasing, from self.end on)."""
-        self.handle.write(offsets.astype("<u8"))
-        self.count, self.end = self.count + len(offsets), int(offsets[-1])
-
-    def finish(self) -> None:
-        self.handle.seek(0)
-        self.handle.write(_npy_header(self.count))
-        self.handle.seek(0, os.SEEK_END)
-
-
-def _write_json(path: Path, header: dict) -> None:
-    with _new_file(path) as handle:
-        handle.write(json.dumps(header).encode())
-
-
-def _header_dict(dtype: np.dtype, trail: tuple, offsets: _OffsetsFile, digest: str, blocks, meta: dict,
-                 text: str | None = None) -> dict:
-    # The 0.1 keys first, with their 0.1 meanings, so a 0.1 reader still loads the map.
-    header = {"trail_dim": list(trail), "hash": digest, "creation_time": _now(), "dtype": _dtype_to_json(dtype),
-              "count": offsets.count - 1, "total_rows": offsets.end, "format_version": FORMAT_VERSION, "meta": meta,
-              **blocks.grouped()}
-    if text is not None:
-        header["text"] = text
-    return header
-
-
-def _set_header_dict(fields: dict, build: str, meta: dict) -> dict:
-    """A set's json, from its fields' jsons (in the items' key order)."""
-    hashes = {name: field["hash"] for name, field in fields.items()}
-    return {"fields": hashes, "build": build, "count": next(iter(fields.values()))["count"],
-            "hash": _set_hash(hashes), "creation_time": _now(), "format_version": FORMAT_VERSION, "meta": meta}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-# ---------------------------------------------------------------- hashing
-
-def _as_bytes(arr: np.ndarray) -> np.ndarray:
-    """A C-contiguous array's bytes as a flat uint8 view (works for datetimes, which refuse buffers)."""
-    return arr.reshape(-1).view(np.uint8)
-
-
-def _dtype_tag(dtype: np.dtype) -> bytes:
-    """The start of every frame of this dtype: v1 (picomap 0.1's) where ``dtype.str`` names the dtype
-    alone, else v2, which names it by its json text (structured dtypes, ml_dtypes types)."""
-    with contextlib.suppress(TypeError):  # ml_dtypes' float8_e5m2 says "<f1", which numpy cannot parse
-        if np.dtype(dtype.str) == dtype:
-            return _ITEM_TAG + dtype.str.encode("ascii")
-    text = json.dumps(_dtype_to_json(dtype)).encode()
-    return _ITEM_TAG_V2 + struct.pack("<q", len(text)) + text
-
-
-def _item_header(dtype: np.dtype, shape: tuple) -> bytes:
-    return _dtype_tag(dtype) + struct.pack(f"<{len(shape) + 1}q", len(shape), *shape)
-
-
-def _map_tail(text: str | None) -> bytes:
-    """The end of a map's hashed stream: for text maps it also says which text, str or bytes."""
-    return _MAP_TAIL if text is None else b"D|" + text.encode() + _MAP_TAIL[1:]
-
-
-def _set_hash(fields: dict) -> str:
-    """A set's hash: xxh3_128 of its fields' names and hashes, in name order, framed."""
-    h = xxhash.xxh3_128(_SET_HEAD)
-    for name in sorted(fields):
-        encoded = name.encode()
-        h.update(struct.pack("<q", len(encoded)) + encoded + bytes.fromhex(fields[name]))
-    h.update(_SET_TAIL)
-    return h.hexdigest()
-
-
-def update_hash_with_array(h, arr) -> Any:
-    """Feed one item's frame into the xxhash object ``h`` and return ``h``.
-
-    The frame is the dtype's tag, ndim and shape as little-endian int64s, then the C-order bytes,
-    so equal arrays always hash alike, whatever their memory layout. The tag is ``b"A|v1|"`` and
-    ``dtype.str`` (picomap 0.1's frame) where that names the dtype, else ``b"A|v2|"`` with the
-    json's dtype text, so that two dtypes of the same bytes never hash alike::
-
-        >>> h = xxhash.xxh3_128(b"D|v1|")
-        >>> update_hash_with_array(h, np.arange(3, dtype=np.int32)).update(b"D|end|")
-
-    gives the hash ``build_map`` stores for that one-item map. Cost: one pass over the bytes
-    (plus a copy when ``arr`` is not C-contiguous).
-    """
-    arr = np.asarray(arr, order="C")
-    h.update(_item_header(arr.dtype, arr.shape))
-    h.update(_as_bytes(arr))
-    return h
-
-
-class _BlockDigests:
-    """xxh3_64 of each consecutive piece_bytes of a byte stream fed in pieces of any size: 8 bytes
-    of memory a piece, 8 MB for a terabyte."""
-
-    def __init__(self, piece_bytes: int):
-        self.piece_bytes, self.digests = piece_bytes, array("Q")
-        self.hash, self.left = xxhash.xxh3_64(), piece_bytes
-
-    def update(self, data: np.ndarray) -> None:
-        data = memoryview(data).cast("B")
-        while len(data):
-            piece, data = data[:self.left], data[self.left:]
-            self.hash.update(piece)
-            self.left -= len(piece)
-            if self.left == 0:
-                self.digests.append(self.hash.intdigest())
-                self.hash, self.left = xxhash.xxh3_64(), self.piece_bytes
-
-    def pieces(self) -> array:
-        """The digest of every piece, the last, partial one included."""
-        if self.left < self.piece_bytes:
-            self.digests.append(self.hash.intdigest())
-            self.hash, self.left = xxhash.xxh3_64(), self.piece_bytes
-        return self.digests
-
-    def grouped(self, per_block: int | None = None) -> dict:
-        """The json's keys: pieces grouped into at most MAX_BLOCKS blocks (or per_block pieces a block),
-        a block's digest being the xxh3_64 of its pieces' digests as little-endian uint64s."""
-        pieces = self.pieces()
-        per_block = per_block or max(1, -(-len(pieces) // MAX_BLOCKS))
-        digests = [xxhash.xxh3_64(np.array(pieces[k:k + per_block], "<u8").tobytes()).hexdigest()
-                   for k in range(0, len(pieces), per_block)]
-        return {"block_bytes": per_block * self.piece_bytes, "piece_bytes": self.piece_bytes,
-                "block_digests": digests}
-
-
-def _frame_headers(dtype: np.dtype, trail: tuple, lengths: np.ndarray) -> np.ndarray:
-    """Every item's frame header as the rows of an (n, width) uint8 array; only the length differs."""
-    headers = np.tile(np.frombuffer(_item_header(dtype, (0, *trail)), np.uint8), (len(lengths), 1))
-    at = len(_dtype_tag(dtype)) + 8  # the first dimension follows the tag and ndim
-    headers[:, at:at + 8] = lengths.astype("<i8").view(np.uint8).reshape(-1, 8)
-    return headers
-
-
-def _interleave(headers: np.ndarray, data: np.ndarray, lengths: np.ndarray, row_bytes: int) -> np.ndarray:
-    """header 0, item 0's bytes, header 1, item 1's bytes, ... as one array, built by numpy."""
-    n, width = headers.shape
-    unit = np.dtype(f"u{math.gcd(width, row_bytes, 8)}")  # the widest unit every piece is made of
-    counts = np.empty(2 * n, np.int64)
-    counts[0::2], counts[1::2] = width // unit.itemsize, lengths * (row_bytes // unit.itemsize)
-    is_data = np.repeat(np.tile([False, True], n), counts)
-    framed = np.empty(len(is_data), unit)
-    framed[is_data] = data.view(unit)
-    framed[~is_data] = headers.view(unit).ravel()
-    return framed
-
-
-def _update_hash_with_items(h, rows: np.ndarray, lengths: np.ndarray) -> None:
-    """Feed the frames of consecutive items into h: ``rows`` holds their rows back to back (C order),
-    ``lengths`` their first dimensions. The same stream as update_hash_with_array on each item, in
-    far fewer calls: small items are framed into one buffer, large ones are hashed in place."""
-    lengths = np.asarray(lengths, np.int64)
-    if len(lengths) == 0:
-        return
-    headers, data = _frame_headers(rows.dtype, rows.shape[1:], lengths), _as_bytes(rows)
-    row_bytes = rows.dtype.itemsize * math.prod(rows.shape[1:])
-    if data.nbytes < FRAME_COPY_BELOW * len(lengths):
-        h.update(_interleave(headers, data, lengths, row_bytes))
-        return
-    update, width = h.update, headers.shape[1]
-    heads, body, start = memoryview(headers.reshape(-1)), memoryview(data), 0
-    for k, end in enumerate(np.cumsum(lengths * row_bytes).tolist()):
-        update(heads[k * width:(k + 1) * width])
-        update(body[start:end])
-        start = end
 
 
 # ---------------------------------------------------------------- writing
@@ -879,8 +837,40 @@ def _bad_item(index: int, arr: np.ndarray, dtype: np.dtype, trail: tuple) -> Exc
                       f"{trail} (fixed by item 0)")
 
 
+
+
+def _npy_header(count: int) -> bytes:
+    """The .npy header np.save writes for ``count`` uint64 offsets: 128 bytes whatever the count,
+    since numpy pads headers to a multiple of 64."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<u8", "fortran_order": False, "shape": (count,)})
+    return header.getvalue()
+
+
+class _OffsetsFile:
+    """Row offsets streamed into an open .npy file, so no process ever holds them all; the header,
+    which holds their count, is written over its placeholder last."""
+
+    def __init__(self, handle):
+        self.handle, self.count, self.end = handle, 0, 0
+        handle.write(_npy_header(0))
+        self.append(np.zeros(1, np.int64))
+
+    def append(self, offsets: np.ndarray) -> None:
+        """Add offsets (int64, never decreasing, from self.end on)."""
+        self.handle.write(offsets.astype("<u8"))
+        self.count, self.end = self.count + len(offsets), int(offsets[-1])
+
+    def finish(self) -> None:
+        self.handle.seek(0)
+        self.handle.write(_npy_header(self.count))
+        self.handle.seek(0, os.SEEK_END)
+
+
 class _ItemWriter:
-    """Streams items to a map's .dat and .starts.npy (at ``files``) in batches, hashing as it goes.
+    """Streams items to a map's .dat and .starts.npy (at ``files``) in batches, hashing as it goes;
+    ``finish`` writes its json. The one writing path: build_map, MapWriter, each field of a set and
+    merge_maps (which feeds it whole maps) all write through it.
 
     Each item's bytes are copied into the batch when it is added, before the caller makes the next
     one: a source that refills one buffer for every item is stored as it yielded each item."""
@@ -917,18 +907,18 @@ class _ItemWriter:
         self._append(arr)
 
     def _text_bytes(self, index, item) -> np.ndarray:
-        """A str's UTF-8 bytes, or a bytes' own, as uint8; item 0 decides whether the map holds text."""
-        kind = _TEXT_KINDS.get(type(item))
-        if self.dtype is None and self.text is None:
+        """A text item's bytes as uint8; item 0 decides whether the map holds text, and which."""
+        kind = next((kind for kind in _TEXT_KINDS.values() if type(item) is kind.type), None)
+        if self.dtype is None and self.text is None and kind is not None:
             if self.target is not None:
                 raise ValueError(f"item {index}: text, but dtype={self.target} was asked; text is stored as "
                                  "its UTF-8 bytes")
-            self.text = kind
-        if kind is None or kind != self.text:
+            self.text = kind.name
+        if kind is None or kind.name != self.text:
             raise ValueError(f"item {index}: {type(item).__name__}, but this map's items are "
                              f"{self.text or 'arrays'} (fixed by item 0)")
         try:
-            return np.frombuffer(item.encode() if kind == "str" else item, np.uint8)
+            return np.frombuffer(kind.encode(item), np.uint8)
         except UnicodeEncodeError as e:
             raise ValueError(f"item {index}: a str that UTF-8 cannot encode ({e})") from None
 
@@ -951,6 +941,7 @@ class _ItemWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the batch: after this, every item added is in the files (or their buffers)."""
         if self.lengths:
             shape = (sum(self.lengths), *self.trail)
             rows = np.frombuffer(self.batch, self.dtype).reshape(shape) if self.batch else np.empty(shape, self.dtype)
@@ -958,15 +949,22 @@ class _ItemWriter:
         self.batch, self.lengths = bytearray(), []
 
     def _write(self, rows: np.ndarray, lengths: list) -> None:
-        lengths = np.asarray(lengths, np.int64)
-        data = _as_bytes(rows)
-        self.dat.write(data)
-        self.blocks.update(data)
+        self.dat.write(_as_bytes(rows))
+        self.record(rows, np.asarray(lengths, np.int64))
+
+    def record(self, rows: np.ndarray, lengths: np.ndarray) -> None:
+        """Account for items whose rows were just written to the .dat: hash, digests, offsets."""
+        self.blocks.update(_as_bytes(rows))
         _update_hash_with_items(self.hash, rows, lengths)
         self.offsets.append(np.cumsum(lengths) + self.offsets.end)
 
+    def take_layout(self, layout: tuple) -> None:
+        """Fix the dtype, trailing shape and text from a map fed whole (its shards agree on them)."""
+        if self.dtype is None:
+            self.dtype, self.trail, self.text = layout
+
     def finish(self, meta: dict) -> dict:
-        """Write what is left, fsync and close both files; return the map's json (not yet written)."""
+        """Write what is left, fsync both files, write the json; return it."""
         if self.dtype is None:  # no item, or only empty lists: dtype= or numpy's float64, like np.asarray([])
             self._fix_layout(0, np.empty(0, np.uint8 if self.text else self.target or _EMPTY_LAYOUT[0]))
         self.flush()
@@ -976,17 +974,22 @@ class _ItemWriter:
             os.fsync(handle.fileno())
         self.close()
         self.hash.update(_map_tail(self.text))
-        return _header_dict(self.dtype, self.trail, self.offsets, self.hash.hexdigest(), self.blocks, meta, self.text)
+        header = _map_json((self.dtype, self.trail, self.text), self.offsets.count - 1, self.offsets.end,
+                           self.hash.hexdigest(), self.blocks.grouped(), meta)
+        _write_json(self.files.json, header)
+        return header
 
     def close(self) -> None:
-        self.dat.close()
-        self.starts.close()
+        for handle in (self.dat, self.starts):
+            with contextlib.suppress(OSError):  # a full disk refusing the last buffered bytes: discarded anyway
+                handle.close()
 
 
 class _SetWriter:
-    """Streams dict items to one map per field in ``folder``; item 0 fixes the fields."""
+    """Streams dict items to one map per field in the staging's folder; item 0 fixes the fields.
+    ``finish`` writes the set's json to the staging's temporary json."""
 
-    def __init__(self, folder: Path, first: dict, dtypes: dict):
+    def __init__(self, staging: _Staging, first: dict, dtypes: dict):
         if not first:
             raise ValueError("item 0: a dict of no fields; a set needs at least one")
         by_case = {}
@@ -1001,10 +1004,10 @@ class _SetWriter:
         unknown = dtypes.keys() - first.keys()
         if unknown:
             raise ValueError(f"dtype= names field(s) {sorted(unknown)} that item 0 lacks (it has {list(first)})")
-        folder.mkdir(parents=True)
-        self.folder, self.writers = folder, {}
+        staging.folder.mkdir(parents=True)
+        self.staging, self.writers = staging, {}
         for name in first:
-            self.writers[name] = _ItemWriter(map_files(folder / name), dtypes.get(name))
+            self.writers[name] = _ItemWriter(map_files(staging.folder / name), dtypes.get(name))
 
     def add(self, index: int, item) -> None:
         if not isinstance(item, dict):
@@ -1023,12 +1026,11 @@ class _SetWriter:
                 raise type(e)(str(e).replace(f"item {index}:", f"item {index}, field {name!r}:", 1)) from None
 
     def finish(self, meta: dict) -> dict:
-        """Write every field's map, json included; return the set's json (not yet written)."""
-        fields = {}
-        for name, writer in self.writers.items():
-            fields[name] = writer.finish({})
-            _write_json(writer.files.json, fields[name])
-        return _set_header_dict(fields, self.folder.name, meta)
+        """Write every field's map, then the set's json; return it."""
+        fields = {name: writer.finish({}) for name, writer in self.writers.items()}
+        header = _set_json(fields, self.staging.tag, meta)
+        _write_json(self.staging.temps.json, header)
+        return header
 
     def close(self) -> None:
         for writer in self.writers.values():
@@ -1107,6 +1109,7 @@ class MapWriter:
                 self._unshown = 0
 
     def _start(self, is_set: bool, first) -> None:
+        """Stage the build and make its writer: a set's from item 0's fields, else a map's."""
         if self.header is not None or self._error is not None:
             raise ValueError(f"MapWriter({os.fspath(self._files.json)!r}): already "
                              f"{'committed' if self.header is not None else 'discarded (' + self._error + ')'}")
@@ -1116,7 +1119,7 @@ class MapWriter:
         self._staging = staging = _Staging(self._files, is_set)
         self._dropped = weakref.finalize(self, staging.discard)  # a writer dropped unclosed commits nothing
         try:
-            self._items = _SetWriter(staging.folder, first, self._dtype or {}) if is_set else \
+            self._items = _SetWriter(staging, first, self._dtype or {}) if is_set else \
                 _ItemWriter(staging.temps, self._dtype)
         except BaseException:
             self.discard()
@@ -1133,7 +1136,7 @@ class MapWriter:
             self._start(False, None)
         try:
             header = self._items.finish(self._meta)
-            self._staging.commit(header)
+            self._staging.commit()
         except BaseException:
             self.discard()
             raise
@@ -1201,66 +1204,96 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
     return writer.header
 
 
-class _Shard(NamedTuple):
-    files: MapFiles
-    header: Header
-    identity: tuple
+# ---------------------------------------------------------------- merging
 
-    @property
-    def where(self) -> Path:
-        return self.files.dat
+def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True, meta: dict | None = None) -> dict:
+    """Concatenate the maps (or sets) at ``paths``, in order, into a new one at ``out``; return the json written.
+
+    The result is byte for byte what ``build_map`` writes for all their items in that order (same
+    ``.dat``, offsets and hash, field by field for sets), so a dataset's hash does not depend on how
+    it was sharded. Its ``meta`` is ``meta`` if given, else the shards' own, which must then be the
+    same. Shards with items must agree on dtype, trailing shape and text, and sets on their fields
+    (in the first set's order); empty shards may record any layout, and an empty map goes with sets.
+
+    Raises ValueError naming the shard on a mismatch (of fields, layout, or of meta without
+    ``meta=``), if ``out`` is one of ``paths``, or if a shard is inconsistent (FileNotFoundError if
+    missing); nothing is written then. The shards are fed whole to build_map's writer: their bytes
+    are copied by the kernel where possible, and hashed as they are copied. Each shard's files are
+    checked for consistency, not re-hashed: run verify_hash on a shard you do not trust. Same crash
+    safety as build_map. Memory: about a kilobyte a shard and one batch; one shard open at a time.
+    """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"merge_maps: paths must be a list of maps, not the single path {paths!r}")
+    target = map_files(out)
+    shards, names, meta, total_bytes = _plan_merge(paths, target, None if meta is None else
+                                                   _checked_meta(meta, "merge_maps"))
+    with MapWriter(out, progress=False, meta=meta) as writer, \
+            tqdm(total=2 * total_bytes, desc=f"merge {target.dat.name}", unit="B", unit_scale=True,
+                 disable=not progress) as bar:  # each byte is copied, then hashed
+        writer._start(names is not None, dict.fromkeys(names or ()))
+        for where, identities in shards:
+            opened = _open(where)
+            if _identities(opened) != identities:
+                raise ValueError(f"{where}: changed while merging; nothing was written")
+            if isinstance(opened, _Set):
+                for name, field_writer in writer._items.writers.items():
+                    _append_map(field_writer, opened.fields[name], bar)
+            elif opened.header.count:  # (an empty map among sets adds nothing)
+                _append_map(writer._items, opened, bar)
+    return writer.header
 
 
-class _SetShard(NamedTuple):
-    files: MapFiles
-    header: SetHeader
-    fields: dict  # field name -> _Shard
+def _plan_merge(paths: Iterable, target: MapFiles, meta: dict | None) -> tuple[list, list | None, dict, int]:
+    """Open and check each shard, one at a time and before anything is written, keeping about a
+    kilobyte of each (a merge of thousands holds one open, and not their meta or block digests).
 
-    @property
-    def where(self) -> Path:
-        return self.files.json
-
-
-def _checked_shards(paths: Iterable, target: MapFiles, meta: dict | None) -> tuple[list, dict]:
-    """The shards at paths, checked one at a time (their files closed again, so a merge of thousands
-    holds one open) and kept as only what merging needs: files, layout and identity, not their meta
-    or block digests, which may be megabytes a shard. Returns them and the merged meta: ``meta`` if
-    given, else the shards' own, which must then agree (ValueError naming the first that differs)."""
-    shards, first_meta = [], {}
+    Returns ``[(json file, identities)]`` a shard, the fields (None unless the shards are sets), the
+    merged meta (``meta``, else the shards' own, which must agree), and the bytes to copy."""
+    shards, total, first_meta, first_with_items = [], 0, {}, {}  # (the last: by field, a shard index and map)
+    first_set = first_map = None  # (shard index, its fields or file) of the first set, and map with items
     for k, path in enumerate(paths):
         opened = _open(path)
         if _same_file(opened.files.dat, target.dat) or _same_file(opened.files.json, target.json):
             raise ValueError(f"merge_maps: out ({target.dat}) is shard {k}; merge into a new path")
-        if isinstance(opened, OpenedSet):
-            fields = {name: _Shard(field.files, field.header._replace(block_digests=None), field.identity)
-                      for name, field in opened.fields.items()}
-            shard = _SetShard(opened.files, opened.header._replace(meta={}), fields)
-        else:
-            shard = _Shard(opened.files, opened.header._replace(meta={}, block_digests=None), opened.identity)
+        is_set = isinstance(opened, _Set)
+        parts = opened.fields if is_set else {None: opened}
+        where = opened.files.json if is_set else opened.files.dat
+        if is_set:
+            first_set = first_set or (k, list(parts))
+            if set(parts) != set(first_set[1]):
+                raise ValueError(f"merge_maps: shard {k} ({where}) has fields {list(parts)}, but shard "
+                                 f"{first_set[0]} has fields {first_set[1]}")
+        elif opened.header.count:
+            first_map = first_map or (k, where)
+        if first_set and first_map:
+            k_map, where_map = first_map
+            raise ValueError(f"merge_maps: shard {k_map} ({where_map}) has no fields, but shard {first_set[0]} "
+                             f"has fields {first_set[1]}")
+        for name, part in parts.items():
+            if part.header.count:
+                _check_same_layout(k, part, *first_with_items.setdefault(name, (k, part)))
         if k == 0:
             first_meta = opened.header.meta
         elif meta is None and opened.header.meta != first_meta:
             shown = [json.dumps(m)[:80] for m in (opened.header.meta, first_meta)]
-            raise ValueError(f"merge_maps: shard {k} ({shard.where}) has meta {shown[0]}, but shard 0 "
+            raise ValueError(f"merge_maps: shard {k} ({where}) has meta {shown[0]}, but shard 0 "
                              f"has {shown[1]}; pass meta= to say what the merged map's is")
-        shards.append(shard)
-    return shards, first_meta if meta is None else meta
+        shards.append((opened.files.json, _identities(opened)))
+        total += sum(part.data.nbytes for part in parts.values())
+    return shards, first_set and first_set[1], first_meta if meta is None else meta, total
 
 
-def _shared_layout(shards: list[_Shard]) -> tuple[np.dtype, tuple, str | None]:
-    """The dtype, trailing shape and text every shard with items agrees on; empty shards do not count."""
-    with_items = [(k, s) for k, s in enumerate(shards) if s.header.count]
-    if not with_items:
-        return (*_EMPTY_LAYOUT, None)
-    first_k, first = with_items[0]
-    theirs = first.header
-    for k, shard in with_items[1:]:
-        mine = shard.header
-        if (mine.dtype, mine.trail_dim, mine.text) != (theirs.dtype, theirs.trail_dim, theirs.text):
-            raise ValueError(f"merge_maps: shard {k} ({shard.files.dat}) holds {mine.text or mine.dtype.str} items of "
-                             f"trailing shape {mine.trail_dim}, but shard {first_k} ({first.files.dat}) holds "
-                             f"{theirs.text or theirs.dtype.str} of {theirs.trail_dim}")
-    return theirs.dtype, theirs.trail_dim, theirs.text
+def _check_same_layout(k: int, mine: _Map, first_k: int, first: _Map) -> None:
+    if mine.header.layout != first.header.layout:
+        ours, theirs = mine.header, first.header
+        raise ValueError(f"merge_maps: shard {k} ({mine.files.dat}) holds {ours.text or ours.dtype.str} items of "
+                         f"trailing shape {ours.trail_dim}, but shard {first_k} ({first.files.dat}) holds "
+                         f"{theirs.text or theirs.dtype.str} of {theirs.trail_dim}")
+
+
+def _identities(opened: _Map | _Set) -> tuple:
+    """The mapped files a merge copies: the same files, or the shard changed since it was checked."""
+    return tuple(part.identity for part in (opened.fields.values() if isinstance(opened, _Set) else [opened]))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -1270,10 +1303,24 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def _copy_into(source: OpenedMap, target, bar: tqdm) -> None:
-    """Append the shard's .dat to the open target, by the kernel where it can; the source must be
-    the very file that was checked when the shard was opened."""
-    with _open_file(source.files.dat) as handle:
+def _append_map(writer: _ItemWriter, source: _Map, bar: tqdm) -> None:
+    """Feed a whole map to a writer: its bytes copied by the kernel, then hashed, digested and its
+    offsets (checked, shifted by the rows before) recorded, a run at a time, from its mapping."""
+    writer.take_layout(source.header.layout)
+    writer.flush()
+    writer.dat.flush()  # the kernel copy appends where the file's own writes end
+    _copy_into(source, writer.dat, bar)
+    row_bytes = source.header.row_bytes
+    for _, offsets in _runs(source.starts, row_bytes, source.files.starts):
+        a, b = int(offsets[0]), int(offsets[-1])
+        writer.record(source.data[a:b], np.diff(offsets))
+        bar.update((b - a) * row_bytes)
+
+
+def _copy_into(source: _Map, target, bar: tqdm) -> None:
+    """Append the map's .dat to the open target, by the kernel where it can; the source must be
+    the very file that was mapped when the map was opened."""
+    with _regular_file(source.files.dat) as handle:
         if _identity(handle) != source.identity:
             raise ValueError(f"{source.files.dat}: changed while merging; nothing was written")
         size, done, fd = source.data.nbytes, 0, handle.fileno()
@@ -1290,145 +1337,7 @@ def _copy_into(source: OpenedMap, target, bar: tqdm) -> None:
             bar.update(moved)
 
 
-def _append_shard(shard: _Shard, dat, offsets: _OffsetsFile, bar: tqdm) -> None:
-    """Append a shard's offsets (checked, shifted by the rows before it) and its data."""
-    opened = _open_map(shard.files.dat)
-    if opened.identity != shard.identity:
-        raise ValueError(f"{shard.files.dat}: changed while merging; nothing was written")
-    rows_before = offsets.end
-    for run in _checked_runs(opened.starts, opened.files.starts):
-        offsets.append(run[1:] + rows_before)
-    _copy_into(opened, dat, bar)
-
-
-def _shared_fields(shards: list) -> list | None:
-    """The fields every set among the shards has, in the first one's order (None: no shard is a set);
-    ValueError naming a shard that differs. An empty single map, what a build of no items writes,
-    goes with sets too."""
-    sets = [(k, shard) for k, shard in enumerate(shards) if isinstance(shard, _SetShard)]
-    if not sets:
-        return None
-    first_k, names = sets[0][0], list(sets[0][1].header.fields)
-    for k, shard in enumerate(shards):
-        mine = list(shard.header.fields) if isinstance(shard, _SetShard) else None
-        if mine is None and shard.header.count == 0:
-            continue
-        if mine is None or set(mine) != set(names):
-            raise ValueError(f"merge_maps: shard {k} ({shard.where}) has " + (f"fields {mine}" if mine else "no fields")
-                             + f", but shard {first_k} has fields {names}")
-    return names
-
-
-def _merge_into(shards: list[_Shard], files: MapFiles, meta: dict, bar: tqdm) -> dict:
-    """Write the shards' items, in order, to files' .dat and .starts.npy; return the json (not written)."""
-    dtype, trail, text = _shared_layout(shards)
-    merged = Header(dtype, trail, sum(s.header.count for s in shards), sum(s.header.total_rows for s in shards),
-                    "", meta)
-    with _new_file(files.dat) as dat, _new_file(files.starts) as starts:
-        offsets = _OffsetsFile(starts)
-        for shard in shards:
-            _append_shard(shard, dat, offsets, bar)
-        offsets.finish()
-    # hash what landed in the files, not what we meant to write
-    with open(files.starts, "rb") as starts, open(files.dat, "rb") as dat:
-        written_starts, written = _map_starts(files.starts, starts, merged), _map_rows(dat, files, merged)
-    blocks = _BlockDigests(PIECE_BYTES)
-    digest = _compute_hash(written_starts, written, merged.row_bytes, files.starts, bar, blocks, text)
-    return _header_dict(dtype, trail, offsets, digest, blocks, meta, text)
-
-
-def merge_maps(paths: Iterable, out: str | os.PathLike, *, progress: bool = True, meta: dict | None = None) -> dict:
-    """Concatenate the maps (or sets) at ``paths``, in order, into a new one at ``out``; return the json written.
-
-    The result is byte for byte what ``build_map`` writes for all their items in that order (same
-    ``.dat``, offsets and hash, field by field for sets), so a dataset's hash does not depend on how
-    it was sharded. Its ``meta`` is ``meta`` if given, else the shards' own, which must then be the
-    same. Shards with items must agree on dtype, trailing shape and text, and sets on their fields
-    (in the first set's order); empty shards may record any layout, and an empty map goes with sets.
-
-    Raises ValueError naming the shard on a mismatch (of layout, fields, or of meta without
-    ``meta=``), if ``out`` is one of ``paths``, or if a shard is inconsistent (FileNotFoundError if
-    missing); nothing is written then. The bytes are copied by the kernel where possible and the
-    hash is computed from what was written. Each shard's files are checked for consistency, not
-    re-hashed: run verify_hash on a shard you do not trust. Same crash safety as build_map.
-    Memory: about a kilobyte a shard and one batch; one shard open at a time.
-    """
-    if isinstance(paths, (str, bytes, os.PathLike)):
-        raise TypeError(f"merge_maps: paths must be a list of maps, not the single path {paths!r}")
-    target = map_files(out)
-    given_meta = None if meta is None else _checked_meta(meta, "merge_maps")
-    shards, meta = _checked_shards(paths, target, given_meta)
-    names = _shared_fields(shards)
-    sets = [shard for shard in shards if isinstance(shard, _SetShard)]
-    parts = {None: shards} if names is None else {name: [s.fields[name] for s in sets] for name in names}
-    total_bytes = sum(s.header.total_rows * s.header.row_bytes for part in parts.values() for s in part)
-    staging = _Staging(target, is_set=names is not None)
-    try:
-        with tqdm(total=2 * total_bytes, desc=f"merge {target.dat.name}", unit="B", unit_scale=True,
-                  disable=not progress) as bar:
-            if names is None:
-                header = _merge_into(shards, staging.temps, meta, bar)
-            else:
-                staging.folder.mkdir(parents=True)
-                fields = {}
-                for name, part in parts.items():
-                    field_files = map_files(staging.folder / name)
-                    fields[name] = _merge_into(part, field_files, {}, bar)
-                    _write_json(field_files.json, fields[name])
-                header = _set_header_dict(fields, staging.tag, meta)
-        staging.commit(header)
-    except BaseException:
-        staging.discard()
-        raise
-    return header
-
-
-# ---------------------------------------------------------------- reading
-
-def _batches(starts: np.ndarray, row_bytes: int, batch_bytes: int = BATCH_BYTES * 4):
-    """Split items into consecutive ranges (i, j) of about batch_bytes each, at least one item and
-    at most BATCH_ITEMS. Offsets need not be checked yet: any values give ranges that cover all items."""
-    rows_per_batch = max(1, batch_bytes // max(row_bytes, 1))
-    count, i = len(starts) - 1, 0
-    while i < count:
-        end_row = min(int(starts[i]) + rows_per_batch, 2**63 - 1)
-        j = i - 1 + int(np.searchsorted(starts[i:i + BATCH_ITEMS + 1], end_row, side="right"))
-        j = min(max(j, i + 1), count, i + BATCH_ITEMS)
-        yield i, j
-        i = j
-
-
-def _compute_hash(starts: np.ndarray, data: np.ndarray, row_bytes: int, where: Path, bar: tqdm,
-                  blocks: _BlockDigests | None = None, text: str | None = None) -> str:
-    """The content hash of the items data[starts[i]:starts[i+1]], checking every offset on the way
-    (ValueError naming ``where``); also feeds the data to blocks."""
-    h = xxhash.xxh3_128(_MAP_HEAD)
-    for i, j in _batches(starts, row_bytes):
-        offsets = starts[i:j + 1]
-        _check_offsets(offsets, i, 0, len(data), where)
-        a, b = int(offsets[0]), int(offsets[-1])
-        _update_hash_with_items(h, data[a:b], np.diff(offsets))
-        if blocks is not None:
-            blocks.update(_as_bytes(data[a:b]))
-        bar.update((b - a) * row_bytes)
-    h.update(_map_tail(text))
-    return h.hexdigest()
-
-
-def _damaged_items(starts: np.ndarray, row_bytes: int, blocks: list[int], block_bytes: int) -> str:
-    """'items 3-7, 120' for the items with bytes in the given blocks (the offsets checked already)."""
-    ranges = []
-    for block in blocks:
-        first_row = block * block_bytes // row_bytes
-        end_row = -(-min((block + 1) * block_bytes, int(starts[-1]) * row_bytes) // row_bytes)
-        first = int(np.searchsorted(starts, first_row, side="right")) - 1
-        last = int(np.searchsorted(starts, end_row, side="left")) - 1
-        if ranges and first <= ranges[-1][1] + 1:
-            ranges[-1][1] = max(ranges[-1][1], last)
-        else:
-            ranges.append([first, last])
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
-
+# ---------------------------------------------------------------- verifying
 
 def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     """Recompute the content hash of the map (or set) at ``path``; return True if it matches the json.
@@ -1441,7 +1350,7 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     It detects accidental damage; it is not a signature against deliberate tampering.
     """
     opened = _open(path)
-    if isinstance(opened, OpenedMap):
+    if isinstance(opened, _Map):
         return _verify_map(opened, progress)
     files, header, fields = opened
     if _set_hash(header.fields) != header.hash:
@@ -1455,11 +1364,11 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     return True
 
 
-def _verify_map(opened: OpenedMap, progress: bool) -> bool:
+def _verify_map(opened: _Map, progress: bool) -> bool:
     files, header, starts, data, _ = opened
     with tqdm(total=data.nbytes, desc=f"verify {files.dat.name}", unit="B", unit_scale=True,
               disable=not progress) as bar:
-        computed = _compute_hash(starts, data, header.row_bytes, files.starts, bar, text=header.text)
+        computed = _compute_hash(opened, bar)
     if computed == header.hash:
         return True
     message = f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to {computed}"
@@ -1482,13 +1391,61 @@ def _verify_map(opened: OpenedMap, progress: bool) -> bool:
                      f"bytes, holding items {items}: rebuild those")
 
 
-class MapLoader:
-    """Item access to an opened map; ``get_loader_fn`` returns one as ``load``.
+def _compute_hash(opened: _Map, bar: tqdm) -> str:
+    """The content hash of a map's items as its files hold them, every offset checked on the way
+    (ValueError naming the offsets file)."""
+    h, data, row_bytes = xxhash.xxh3_128(_MAP_HEAD), opened.data, opened.header.row_bytes
+    for _, offsets in _runs(opened.starts, row_bytes, opened.files.starts):
+        a, b = int(offsets[0]), int(offsets[-1])
+        _update_hash_with_items(h, data[a:b], np.diff(offsets))
+        bar.update((b - a) * row_bytes)
+    h.update(_map_tail(opened.header.text))
+    return h.hexdigest()
 
-    ``load(i)`` is item i as a read-only view into the mapped ``.dat`` (no copy, no I/O until its
-    bytes are touched); ``load(i, copy=True)`` a private writable copy. Indices follow Python:
-    negative ones count from the end, numpy integers work, out of range raises IndexError, a float
-    or str raises TypeError. Cost: O(1), about as much as slicing an ndarray.
+
+def _damaged_items(starts: np.ndarray, row_bytes: int, blocks: list[int], block_bytes: int) -> str:
+    """'items 3-7, 120' for the items with bytes in the given blocks (the offsets checked already)."""
+    ranges = []
+    for block in blocks:
+        first_row = block * block_bytes // row_bytes
+        end_row = -(-min((block + 1) * block_bytes, int(starts[-1]) * row_bytes) // row_bytes)
+        first = int(np.searchsorted(starts, first_row, side="right")) - 1
+        last = int(np.searchsorted(starts, end_row, side="left")) - 1
+        if ranges and first <= ranges[-1][1] + 1:
+            ranges[-1][1] = max(ranges[-1][1], last)
+        else:
+            ranges.append([first, last])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
+
+
+# ---------------------------------------------------------------- loading
+
+def get_loader_fn(path: str | os.PathLike, *, access: str = "auto") -> tuple[MapLoader, int]:
+    """Open the map at ``path`` once and return ``(load, N)``; see MapLoader for ``load``.
+
+    ``access`` says how items are read: ``"cached"``, a plain mapping, no system call per item (for
+    maps that fit in memory); ``"cold"``, exactly each item's pages and nothing around them (for
+    maps larger than memory, read in random order); ``"auto"`` (default), cold if the ``.dat`` is
+    larger than half the memory the page cache may use (the machine's, or a container's limit).
+    ``load.access`` says which it took; pickles keep it.
+
+    Checks the json, the offsets' header and both ends, and the files' sizes, and raises
+    ValueError (inconsistent or corrupt, naming the file and the problem) or FileNotFoundError.
+    Cost: O(1) time and memory whatever the item count; the offsets and data are mapped, not read.
+    """
+    load = MapLoader(path, access=access)
+    return load, len(load)
+
+
+class MapLoader:
+    """Item access to an opened map or set; ``get_loader_fn`` returns one as ``load``.
+
+    ``MapLoader(path, access="auto")`` opens the map (see get_loader_fn). ``load(i)`` is item i as
+    a read-only view into the mapped ``.dat`` (no copy, no I/O until its bytes are touched);
+    ``load(i, copy=True)`` a private writable copy. Indices follow Python: negative ones count from
+    the end, numpy integers work, out of range raises IndexError, a float or str raises TypeError.
+    ``load[a:b]`` is a loader of those items, sharing the mappings. Cost: O(1), about as much as
+    slicing an ndarray.
 
     Opening reads no offsets: the loader maps them, so every process that opens a map shares one
     copy of them, and checks them 16,384 items at a time, the first time one of those items is
@@ -1496,39 +1453,107 @@ class MapLoader:
     item is ever served that lies outside the data or overlaps another.
 
     ``close()`` (or a ``with`` block) lets go of the files: later calls raise ValueError, and the
-    mappings are released once no view from them is alive.
+    mappings are released once no view from them is alive. A loader pickles as its absolute path,
+    hash and items: the receiver reopens the map, and raises ValueError if it was rebuilt since.
 
     For a map of text, ``load(i)`` is a new ``str`` (or ``bytes``). For a set, it is a dict of
     its fields' items (``copy=True`` copies each); ``load.fields`` holds each field's own loader,
     and ``dtype``, ``trail_dim``, ``lengths``, ``starts``, ``data`` and ``access`` are dicts by field.
     """
+    # The contract every loader keeps; the subclasses below say how items are read and returned.
     # Slots make load(i)'s attribute reads measurably cheaper; a __getattr__ here would undo that.
-    __slots__ = ("_files", "_header", "_first", "_count", "_starts", "_data", "_begins", "_ends", "_chunks",
-                 "_ready", "_checked", "_lock", "_lengths", "_rebased")
+    __slots__ = ("_files", "_header", "_first", "_count")
+    _reads_cold = False
 
-    def __new__(cls, path: str | os.PathLike | None = None, access: str = "auto"):
-        # Opening happens here, since what it finds picks the class that serves the map (a set's, a
-        # text map's, a cold one's), so that load(i) of a plain cached map stays as it is.
-        # (Unpickling calls this with no path: the pickled class is kept, and with it the choice.)
-        if path is None:
-            return super().__new__(cls)
+    def __new__(cls, path: str | os.PathLike, access: str = "auto") -> MapLoader:
+        # Opening happens here, since what it finds picks the class that serves the map
         return _loader(_open(path), access)
 
-    def __init__(self, path: str | os.PathLike, access: str = "auto"):
-        pass  # opened by __new__
+    def __len__(self) -> int:
+        return self._count
 
-    def _serve(self, files: MapFiles, header: Header, data: np.ndarray, starts: np.ndarray, first: int) -> None:
+    def __iter__(self):
+        for i in range(self._count):
+            yield self(i)
+
+    def __getitems__(self, indices) -> list:
+        """Many items at once: PyTorch's DataLoader fetches a whole batch with one call."""
+        return [self(i) for i in indices]
+
+    def __enter__(self) -> MapLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        """The map's base path (its files are this plus .dat, .starts.npy, .json)."""
+        return self._files.json.with_name(self._files.json.name.removesuffix(".json"))
+
+    @property
+    def hash(self) -> str:
+        return self._header.hash
+
+    @property
+    def meta(self) -> dict:
+        """The ``meta`` given to build_map, a new copy each time: changing it changes nothing else."""
+        return copy.deepcopy(self._header.meta)
+
+    def __reduce__(self):
+        # the absolute path, identity and items only: a receiver maps the files itself, whatever
+        # the map's size, from whatever folder it runs in
+        return _reopen, (os.path.abspath(self.path), self.hash, self._first, self._first + self._count,
+                         "cold" if self._reads_cold else "cached", self.fields is not None)
+
+    def __repr__(self) -> str:
+        items = f"{self._count} items" if self._first == 0 and self._count == self._header.count else \
+            f"items {self._first}-{self._first + self._count - 1} ({self._count})"
+        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {items} of {self._layout()}>"
+
+    def _slice_range(self, items: slice) -> tuple[int, int]:
+        """The items a..b-1 that ``items`` names, a <= b; ValueError unless its step is 1."""
+        first, end, step = items.indices(self._count)
+        if step != 1:
+            raise ValueError(f"{self.path}: only contiguous slices of a map (step 1), not step {step}; "
+                             "torch.utils.data.Subset takes any indices")
+        return first, max(first, end)
+
+    def _closed(self) -> Exception:
+        return ValueError(f"{self.path}: the loader is closed")
+
+    def _index_error(self, i) -> Exception:
+        if self._is_closed():
+            return self._closed()
+        try:
+            operator.index(i)
+        except TypeError:
+            return TypeError(f"{self.path}: item indices must be integers, not {type(i).__name__}")
+        return IndexError(f"{self.path}: item {i} is out of range for a map of {self._count} items")
+
+
+class _ArrayLoader(MapLoader):
+    """A MapLoader of one map of arrays, read through the page cache: load(i) is one slice of the
+    mapped rows. The cold and text loaders are this with another way to read or return an item."""
+    __slots__ = ("_starts", "_data", "_begins", "_ends", "_chunks", "_ready", "_checked", "_lock", "_lengths",
+                 "_rebased")
+
+    def _serve(self, files: MapFiles, header: _MapJson, data: np.ndarray, starts: np.ndarray, first: int):
         """Serve the items whose offsets are ``starts`` (both ends checked), the first being item
-        ``first`` of the map."""
+        ``first`` of the map: the one way every array loader is made. Returns self."""
         self._files, self._header, self._data, self._starts = files, header, data, starts
         self._first, self._count, self._rebased = first, len(starts) - 1, None
         # memoryviews index to Python ints fast and allocate nothing per item
         self._begins, self._ends = memoryview(starts)[:-1], memoryview(starts)[1:]
         # A flag a chunk, set once its offsets are checked, then as many again never set: twice, a
         # list for load(i) (CPython indexes lists fastest) and bytes to search for the nearest set.
+        # Example, 3 chunks: _ready = [c0, c1, c2, False, False, False, False]. For i = -1,
+        # i >> CHECK_SHIFT is -1, whose flag (the last) is never set: a negative index always takes
+        # the slow path, which counts it from the end, with no test for i < 0 on the fast one.
         self._chunks = -(-self._count >> CHECK_SHIFT)
         self._ready, self._checked = [False] * (2 * self._chunks + 1), bytearray(2 * self._chunks + 1)
         self._lock, self._lengths = threading.Lock(), None
+        return self
 
     def __call__(self, i, copy: bool = False) -> np.ndarray:
         try:
@@ -1544,9 +1569,10 @@ class MapLoader:
             return item.copy()
         return item
 
+    __getitem__ = __call__
+
     def _load_checking(self, i: int) -> np.ndarray:
-        """load(i) the first time an item of its chunk is loaded, and for every negative i: the flags
-        past the chunks' own are never set, so that i >> CHECK_SHIFT never finds another chunk's."""
+        """load(i) the first time an item of its chunk is loaded, and for every negative i."""
         if i < 0:
             if i < -self._count:
                 raise IndexError
@@ -1572,53 +1598,18 @@ class MapLoader:
                 raise ValueError(f"{e}: item {self._first + i} is not served; verify_hash tells more") from None
             checked[chunk], self._ready[chunk] = 1, True
 
-    def _slice_range(self, items: slice) -> tuple[int, int]:
-        """The items a..b-1 that ``items`` names, a <= b; ValueError unless its step is 1."""
-        first, end, step = items.indices(self._count)
-        if step != 1:
-            raise ValueError(f"{self.path}: only contiguous slices of a map (step 1), not step {step}; "
-                             "torch.utils.data.Subset takes any indices")
-        return first, max(first, end)
-
-    def _sliced(self, items: slice) -> MapLoader:
-        """``load[a:b]``: a loader of items a..b-1, sharing this one's mappings (no copy)."""
+    def _sliced(self, items: slice) -> _ArrayLoader:
+        """``load[a:b]``: a loader of items a..b-1, of this one's class, sharing its mappings (no copy)."""
         first, end = self._slice_range(items)
         starts = self._starts[first:end + 1]
         low, high = int(starts[0]), int(starts[-1])
         if not 0 <= low <= high <= self._header.total_rows:
             raise ValueError(f"{self._files.starts}: items {self._first + first}-{self._first + end - 1} run from "
                              f"row {low} to {high}, outside 0-{self._header.total_rows}")
-        part = type(self).__new__(type(self))
-        part._serve(self._files, self._header, self._data, starts, self._first + first)
-        return part
-
-    def _closed(self) -> Exception:
-        return ValueError(f"{self.path}: the loader is closed")
+        return object.__new__(type(self))._serve(self._files, self._header, self._data, starts, self._first + first)
 
     def _is_closed(self) -> bool:
         return self._data is None
-
-    def _index_error(self, i) -> Exception:
-        if self._is_closed():
-            return self._closed()
-        try:
-            operator.index(i)
-        except TypeError:
-            return TypeError(f"{self.path}: item indices must be integers, not {type(i).__name__}")
-        return IndexError(f"{self.path}: item {i} is out of range for a map of {self._count} items")
-
-    __getitem__ = __call__
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self):
-        for i in range(self._count):
-            yield self(i)
-
-    def __getitems__(self, indices) -> list:
-        """Many items at once: PyTorch's DataLoader fetches a whole batch with one call."""
-        return [self(i) for i in indices]
 
     def close(self) -> None:
         """Let go of the map's files: calls after this raise ValueError. Views already handed out
@@ -1627,13 +1618,8 @@ class MapLoader:
         self._begins = self._ends = memoryview(b"")
         self._ready, self._checked = [], bytearray()
 
-    def __enter__(self) -> MapLoader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _open_array(self, name: str):
+    def _live(self, name: str):
+        """The array held in slot ``name``; ValueError once closed."""
         array = getattr(self, name)
         if array is None:
             raise self._closed()
@@ -1642,12 +1628,7 @@ class MapLoader:
     @property
     def access(self) -> str:
         """How items are read: ``"cached"`` (a plain mapping) or ``"cold"`` (exactly each item's pages)."""
-        return "cached"
-
-    @property
-    def path(self) -> Path:
-        """The map's base path (its files are this plus .dat, .starts.npy, .json)."""
-        return self._files.json.with_name(self._files.json.name.removesuffix(".json"))
+        return "cold" if self._reads_cold else "cached"
 
     @property
     def fields(self) -> dict | None:
@@ -1663,19 +1644,10 @@ class MapLoader:
         return self._header.trail_dim
 
     @property
-    def hash(self) -> str:
-        return self._header.hash
-
-    @property
-    def meta(self) -> dict:
-        """The ``meta`` given to build_map, a new copy each time: changing it changes nothing else."""
-        return copy.deepcopy(self._header.meta)
-
-    @property
     def data(self) -> np.ndarray:
         """The items' rows as one read-only mapped array of shape ``(rows, *trail_dim)``: the whole
         ``.dat``, or for a slice of a map its items' rows. No copy."""
-        starts = self._open_array("_starts")
+        starts = self._live("_starts")
         return self._data if self._count == self._header.count else self._data[starts[0]:starts[-1]]
 
     @property
@@ -1683,7 +1655,7 @@ class MapLoader:
         """The ``N + 1`` row offsets into ``data`` as a read-only int64 array, mapped from the file
         as they are (``load(i)`` checks those it uses, ``verify_hash`` all): no copy, no cost. For a
         slice of a map, offsets from its first row: computed on first use, 8 bytes an item."""
-        starts = self._open_array("_starts")
+        starts = self._live("_starts")
         if self._first == 0:
             return starts
         if self._rebased is None:
@@ -1696,8 +1668,8 @@ class MapLoader:
         """Each item's first dimension as int64, read-only. Computed on first use, checking every
         offset: O(N) time and 8 bytes an item of private memory in each process that asks."""
         if self._lengths is None:
-            starts = self._open_array("_starts")
-            for _ in _checked_runs(starts, self._files.starts):
+            starts = self._live("_starts")
+            for _ in _runs(starts, self._header.row_bytes, self._files.starts):
                 pass
             self._checked[:self._chunks], self._ready[:self._chunks] = b"\1" * self._chunks, [True] * self._chunks
             lengths = np.diff(starts)
@@ -1705,27 +1677,169 @@ class MapLoader:
             self._lengths = lengths
         return self._lengths
 
-    def __getstate__(self) -> dict:
-        # the absolute path, identity and items only: a receiver maps the files itself, whatever
-        # the map's size, from whatever folder it runs in
-        return {"path": os.path.abspath(self.path), "hash": self.hash,
-                "items": [self._first, self._first + self._count]}
-
-    def __setstate__(self, state: dict) -> None:
-        files, header, starts, data, _ = _reopened(state, _open_map(state["path"]))
-        self._serve(files, header, data, starts, first=0)
-        first, end = state["items"]
-        if (first, end) != (0, self._count):
-            self._serve(files, header, data, self._sliced(slice(first, end))._starts, first)
-
-    def __repr__(self) -> str:
-        items = f"{self._count} items" if self._first == 0 and self._count == self._header.count else \
-            f"items {self._first}-{self._first + self._count - 1} ({self._count})"
-        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {items} of {self._layout()}>"
-
     def _layout(self) -> str:
         """What its items are: 'float32 (*, 2)', or 'str' or 'bytes' for text."""
         return self._header.text or f"{self.dtype} ({', '.join(map(str, ('*', *self.trail_dim)))})"
+
+
+class _ColdLoader(_ArrayLoader):
+    """A MapLoader for a map larger than memory. Its mapping is advised MADV_RANDOM, so that no
+    read brings in pages around it, and each load asks for exactly its item's pages with one
+    madvise(MADV_WILLNEED); ``__getitems__`` asks once for each run of adjacent items, so a batch
+    of a block-shuffled pass costs about one sequential read. Views stay views."""
+    __slots__ = ()
+    _reads_cold = True
+
+    def _serve(self, files, header, data, starts, first) -> _ColdLoader:
+        if data.nbytes:
+            data.base.madvise(mmap.MADV_RANDOM)
+        return super()._serve(files, header, data, starts, first)
+
+    def __call__(self, i, copy: bool = False) -> np.ndarray:
+        item = _ArrayLoader.__call__(self, i)
+        if not isinstance(item, np.ndarray):  # load[a:b]: a loader, cold like this one
+            return item
+        if item.nbytes:
+            self._fetch([self._bytes_of(i)])
+        return item.copy() if copy else item
+
+    __getitem__ = __call__
+
+    def __getitems__(self, indices) -> list:
+        items = [_ArrayLoader.__call__(self, i) for i in indices]
+        self._fetch(sorted(self._bytes_of(i) for i, item in zip(indices, items) if item.nbytes))
+        return items
+
+    def _bytes_of(self, i: int) -> tuple[int, int]:
+        """Where item i's bytes lie in the .dat: (start, end)."""
+        i = operator.index(i)
+        i += self._count if i < 0 else 0
+        return self._begins[i] * self._header.row_bytes, self._ends[i] * self._header.row_bytes
+
+    def _fetch(self, spans: list) -> None:
+        """One madvise(MADV_WILLNEED) for each run of spans (sorted) no more than a page apart."""
+        mapping, page = self._data.base, mmap.PAGESIZE
+        run_start, run_end = None, None
+        for start, end in spans + [(None, None)]:
+            if start is not None and run_end is not None and start <= run_end + page:
+                run_end = max(run_end, end)
+                continue
+            if run_start is not None:
+                aligned = run_start - run_start % page
+                mapping.madvise(mmap.MADV_WILLNEED, aligned, run_end - aligned)
+            run_start, run_end = start, end
+
+
+class _TextLoader(_ArrayLoader):
+    """A MapLoader for a map of text: ``load(i)`` is a new str (or bytes) of the item's bytes."""
+    __slots__ = ("_bytes", "_decode")  # the .dat as a memoryview, which slices in half the time an ndarray does
+
+    def _serve(self, files, header, data, starts, first) -> _TextLoader:
+        self._bytes, self._decode = memoryview(data), _TEXT_KINDS[header.text].decode
+        return super()._serve(files, header, data, starts, first)
+
+    def __call__(self, i, copy: bool = False) -> str | bytes | MapLoader:
+        try:  # the fast path of _ArrayLoader.__call__, on the memoryview
+            raw = self._bytes[self._begins[i]:self._ends[i]] if self._ready[i >> CHECK_SHIFT] else None
+        except (IndexError, TypeError):
+            raw = None
+        if raw is None:  # a chunk's first load, a negative index, a slice or an error: as the parent does
+            raw = _ArrayLoader.__call__(self, i)
+            if not isinstance(raw, np.ndarray):  # load[a:b]: a text loader too
+                return raw
+        try:
+            return self._decode(raw)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self._files.dat}: item {i} is not UTF-8 ({e}); verify_hash tells more") from None
+
+    __getitem__ = __call__
+
+    def close(self) -> None:
+        super().close()
+        self._bytes = None
+
+
+class _SetLoader(MapLoader):
+    """A MapLoader for a set: ``load(i)`` is a dict of its fields' items, each field served by a
+    loader of its own (``load.fields``); the attributes of a single map's layout are dicts by field."""
+    __slots__ = ("_fields", "_calls")
+
+    def _serve(self, files: MapFiles, header: _SetJson, fields: dict) -> _SetLoader:
+        some = next(iter(fields.values()))
+        self._files, self._header, self._fields = files, header, fields
+        self._first, self._count = some._first, len(some)
+        # (name, the field's bound __call__): load(i) then skips a lookup a field
+        self._calls = tuple((name, field.__call__) for name, field in fields.items())
+        return self
+
+    def __call__(self, i, copy: bool = False) -> dict | MapLoader:
+        try:
+            if isinstance(i, slice):
+                first, end = self._slice_range(i)
+                return object.__new__(_SetLoader)._serve(self._files, self._header, {
+                    name: field[first:end] for name, field in self._fields.items()})
+            return {name: call(i, copy) for name, call in self._calls}
+        except (IndexError, TypeError, ValueError) as e:  # a field's error names the field's files
+            if isinstance(e, ValueError) and not self._is_closed():
+                raise  # damaged offsets or a slice's step: the file or the set named is the one to fix
+            raise self._index_error(i) from None
+
+    __getitem__ = __call__
+
+    def __getitems__(self, indices) -> list:
+        columns = [field.__getitems__(indices) for field in self._fields.values()]
+        return [dict(zip(self._fields, row)) for row in zip(*columns)]
+
+    def _is_closed(self) -> bool:
+        return next(iter(self._fields.values()))._is_closed()
+
+    def close(self) -> None:
+        for field in self._fields.values():
+            field.close()
+
+    @property
+    def _reads_cold(self) -> bool:
+        return next(iter(self._fields.values()))._reads_cold
+
+    def _by_field(self, name: str) -> dict:
+        return {field_name: getattr(field, name) for field_name, field in self._fields.items()}
+
+    fields = property(lambda self: dict(self._fields), doc=_ArrayLoader.fields.__doc__)
+    access = property(lambda self: self._by_field("access"), doc="Each field's access, by field.")
+    dtype = property(lambda self: self._by_field("dtype"), doc="Each field's dtype, by field.")
+    trail_dim = property(lambda self: self._by_field("trail_dim"), doc="Each field's trailing shape, by field.")
+    data = property(lambda self: self._by_field("data"), doc="Each field's rows (MapLoader.data), by field.")
+    starts = property(lambda self: self._by_field("starts"), doc="Each field's offsets (MapLoader.starts), by field.")
+    lengths = property(lambda self: self._by_field("lengths"), doc="Each field's lengths (MapLoader.lengths), by "
+                       "field: O(N) each, on first use.")
+
+    def _layout(self) -> str:
+        return "fields " + ", ".join(f"{name} {field._layout()}" for name, field in self._fields.items())
+
+
+def _loader(opened: _Map | _Set, access: str) -> MapLoader:
+    """The loader that serves an opened map or set: its class says how items are read and returned."""
+    if isinstance(opened, _Set):  # its fields share the page cache: read all cold or none
+        cold = _cold(sum(field.data.nbytes for field in opened.fields.values()), access)
+        return object.__new__(_SetLoader)._serve(opened.files, opened.header, {
+            name: _loader(field, "cold" if cold else "cached") for name, field in opened.fields.items()})
+    cold = _cold(opened.data.nbytes, access)  # (text is always read cached: small items, copied anyway)
+    kind = _TextLoader if opened.header.text else _ColdLoader if cold else _ArrayLoader
+    return object.__new__(kind)._serve(opened.files, opened.header, opened.data, opened.starts, first=0)
+
+
+def _reopen(path: str, digest: str, first: int, end: int, access: str, is_set: bool) -> MapLoader:
+    """A pickled loader, in its receiver: the map (or set) at path, if it still has the hash it was
+    pickled with (ValueError if it was rebuilt since), sliced to the items it served."""
+    opened = _open(path)
+    if isinstance(opened, _Set) != is_set:
+        raise ValueError(f"{opened.files.json}: " + ("no longer a set of fields" if is_set else
+                                                     "a set of fields, where a single map was expected"))
+    load = _loader(opened, access)
+    if load.hash != digest:
+        raise ValueError(f"{load._files.json}: the map was replaced since this loader was pickled "
+                         f"(hash {load.hash}, expected {digest})")
+    return load if (first, end) == (0, len(load)) else load[first:end]
 
 
 def _memory_for_page_cache() -> int:
@@ -1752,197 +1866,6 @@ def _cold(nbytes: int, access: str) -> bool:
     if access != "auto":
         return access == "cold"
     return nbytes > COLD_ABOVE * _memory_for_page_cache()
-
-
-class _ColdMapLoader(MapLoader):
-    """A MapLoader for a map larger than memory. Its mapping is advised MADV_RANDOM, so that no
-    read brings in pages around it, and each load asks for exactly its item's pages with one
-    madvise(MADV_WILLNEED); ``__getitems__`` asks once for each run of adjacent items, so a batch
-    of a block-shuffled pass costs about one sequential read. Views stay views."""
-    __slots__ = ()
-
-    def _serve(self, files, header, data, starts, first) -> None:
-        super()._serve(files, header, data, starts, first)
-        if data.nbytes:
-            data.base.madvise(mmap.MADV_RANDOM)
-
-    def __call__(self, i, copy: bool = False) -> np.ndarray:
-        item = MapLoader.__call__(self, i)
-        if not isinstance(item, np.ndarray):  # load[a:b]: a loader, cold like this one
-            return item
-        if item.nbytes:
-            self._fetch([self._bytes_of(i)])
-        return item.copy() if copy else item
-
-    __getitem__ = __call__
-
-    def __getitems__(self, indices) -> list:
-        items = [MapLoader.__call__(self, i) for i in indices]
-        self._fetch(sorted(self._bytes_of(i) for i, item in zip(indices, items) if item.nbytes))
-        return items
-
-    def _bytes_of(self, i: int) -> tuple[int, int]:
-        """Where item i's bytes lie in the .dat: (start, end)."""
-        i = operator.index(i)
-        i += self._count if i < 0 else 0
-        return self._begins[i] * self._header.row_bytes, self._ends[i] * self._header.row_bytes
-
-    def _fetch(self, spans: list) -> None:
-        """One madvise(MADV_WILLNEED) for each run of spans (sorted) no more than a page apart."""
-        mapping, page = self._data.base, mmap.PAGESIZE
-        run_start, run_end = None, None
-        for start, end in spans + [(None, None)]:
-            if start is not None and run_end is not None and start <= run_end + page:
-                run_end = max(run_end, end)
-                continue
-            if run_start is not None:
-                aligned = run_start - run_start % page
-                mapping.madvise(mmap.MADV_WILLNEED, aligned, run_end - aligned)
-            run_start, run_end = start, end
-
-    @property
-    def access(self) -> str:
-        return "cold"
-
-
-class _TextLoader(MapLoader):
-    """A MapLoader for a map of text: ``load(i)`` is a new str (or bytes) of the item's bytes."""
-    __slots__ = ("_bytes",)  # the .dat as a memoryview, which slices in half the time an ndarray does
-
-    def _serve(self, files, header, data, starts, first) -> None:
-        super()._serve(files, header, data, starts, first)
-        self._bytes = memoryview(data)
-
-    def __call__(self, i, copy: bool = False) -> str | bytes | MapLoader:
-        try:  # the fast path of MapLoader.__call__, on the memoryview
-            raw = self._bytes[self._begins[i]:self._ends[i]] if self._ready[i >> CHECK_SHIFT] else None
-        except (IndexError, TypeError):
-            raw = None
-        if raw is None:  # a chunk's first load, a negative index, a slice or an error: as MapLoader does
-            raw = MapLoader.__call__(self, i)
-            if not isinstance(raw, np.ndarray):  # load[a:b]: a text loader too
-                return raw
-        if self._header.text == "bytes":
-            return bytes(raw)
-        try:
-            return str(raw, "utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{self._files.dat}: item {i} is not UTF-8 ({e}); verify_hash tells more") from None
-
-    __getitem__ = __call__
-
-    def close(self) -> None:
-        super().close()
-        self._bytes = None
-
-
-class _SetLoader(MapLoader):
-    """A MapLoader for a set: ``load(i)`` is a dict of its fields' items, each field served by a
-    loader of its own (``load.fields``); the attributes of a single map's layout are dicts by field."""
-    __slots__ = ("_fields", "_calls")
-
-    def _serve_fields(self, files: MapFiles, header: SetHeader, fields: dict) -> None:
-        some = next(iter(fields.values()))
-        self._files, self._header, self._fields = files, header, fields
-        self._first, self._count = some._first, len(some)
-        # (name, the field's bound __call__): load(i) then skips a lookup a field
-        self._calls = tuple((name, field.__call__) for name, field in fields.items())
-
-    def __call__(self, i, copy: bool = False) -> dict | MapLoader:
-        try:
-            if isinstance(i, slice):
-                return self._sliced(i)
-            return {name: call(i, copy) for name, call in self._calls}
-        except (IndexError, TypeError, ValueError) as e:  # a field's error names the field's files
-            if isinstance(e, ValueError) and not self._is_closed():
-                raise  # damaged offsets or a slice's step: the file or the set named is the one to fix
-            raise self._index_error(i) from None
-
-    __getitem__ = __call__
-
-    def _sliced(self, items: slice) -> _SetLoader:
-        first, end = self._slice_range(items)
-        part = _SetLoader.__new__(_SetLoader)
-        part._serve_fields(self._files, self._header, {name: field[first:end] for name, field in self._fields.items()})
-        return part
-
-    def _is_closed(self) -> bool:
-        return next(iter(self._fields.values()))._is_closed()
-
-    def __getitems__(self, indices) -> list:
-        columns = [field.__getitems__(indices) for field in self._fields.values()]
-        return [dict(zip(self._fields, row)) for row in zip(*columns)]
-
-    def close(self) -> None:
-        for field in self._fields.values():
-            field.close()
-
-    def _by_field(self, name: str) -> dict:
-        return {field_name: getattr(field, name) for field_name, field in self._fields.items()}
-
-    fields = property(lambda self: dict(self._fields), doc=MapLoader.fields.__doc__)
-    access = property(lambda self: self._by_field("access"), doc="Each field's access, by field.")
-    dtype = property(lambda self: self._by_field("dtype"), doc="Each field's dtype, by field.")
-    trail_dim = property(lambda self: self._by_field("trail_dim"), doc="Each field's trailing shape, by field.")
-    data = property(lambda self: self._by_field("data"), doc="Each field's rows (MapLoader.data), by field.")
-    starts = property(lambda self: self._by_field("starts"), doc="Each field's offsets (MapLoader.starts), by field.")
-    lengths = property(lambda self: self._by_field("lengths"), doc="Each field's lengths (MapLoader.lengths), by "
-                       "field: O(N) each, on first use.")
-
-    def __getstate__(self) -> dict:
-        cold = any(field.access == "cold" for field in self._fields.values())
-        return {**super().__getstate__(), "access": "cold" if cold else "cached"}
-
-    def __setstate__(self, state: dict) -> None:
-        opened = _reopened(state, _open(state["path"]))
-        if not isinstance(opened, OpenedSet):
-            raise ValueError(f"{opened.files.json}: no longer a set of fields")
-        whole = _loader(opened, state["access"])
-        first, end = state["items"]
-        self._serve_fields(opened.files, opened.header, whole[first:end]._fields)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name} {field._layout()}" for name, field in self._fields.items())
-        return f"<picomap.MapLoader {os.fspath(self.path)!r}: {self._count} items of fields {fields}>"
-
-
-def _loader(opened: OpenedMap | OpenedSet, access: str) -> MapLoader:
-    """The loader that serves an opened map or set: the class picks how items are read and returned."""
-    if isinstance(opened, OpenedSet):  # its fields share the page cache: read all cold or none
-        cold = _cold(sum(field.data.nbytes for field in opened.fields.values()), access)
-        load = object.__new__(_SetLoader)
-        load._serve_fields(opened.files, opened.header, {name: _loader(field, "cold" if cold else "cached")
-                                                         for name, field in opened.fields.items()})
-        return load
-    cold = _cold(opened.data.nbytes, access)  # (text is always read cached: small items, copied anyway)
-    load = object.__new__(_TextLoader if opened.header.text else _ColdMapLoader if cold else MapLoader)
-    load._serve(opened.files, opened.header, opened.data, opened.starts, first=0)
-    return load
-
-
-def _reopened(state: dict, opened: OpenedMap | OpenedSet) -> OpenedMap | OpenedSet:
-    """opened, if it is the map a loader was pickled from: ValueError if it was rebuilt since."""
-    if opened.header.hash != state["hash"]:
-        raise ValueError(f"{opened.files.json}: the map was replaced since this loader was pickled "
-                         f"(hash {opened.header.hash}, expected {state['hash']})")
-    return opened
-
-
-def get_loader_fn(path: str | os.PathLike, *, access: str = "auto") -> tuple[MapLoader, int]:
-    """Open the map at ``path`` once and return ``(load, N)``; see MapLoader for ``load``.
-
-    ``access`` says how items are read: ``"cached"``, a plain mapping, no system call per item (for
-    maps that fit in memory); ``"cold"``, exactly each item's pages and nothing around them (for
-    maps larger than memory, read in random order); ``"auto"`` (default), cold if the ``.dat`` is
-    larger than half the memory the page cache may use (the machine's, or a container's limit).
-    ``load.access`` says which it took; pickles keep it.
-
-    Checks the json, the offsets' header and both ends, and the files' sizes, and raises
-    ValueError (inconsistent or corrupt, naming the file and the problem) or FileNotFoundError.
-    Cost: O(1) time and memory whatever the item count; the offsets and data are mapped, not read.
-    """
-    load = MapLoader(path, access=access)
-    return load, len(load)
 
 
 # ---------------------------------------------------------------- sampling
@@ -2076,6 +1999,10 @@ class Sampler:
         return out.astype(np.int64)
 
     def _block_order(self, j: np.ndarray) -> np.ndarray:
+        """P[j] with blocks: a shuffled block, then its items shuffled. Example: n = 10, B = 4 gives
+        blocks [0-3] [4-7] [8-9]; if the blocks' order is (2, 0, 1), positions 0-1 fall in block 2
+        (the short one, at slot 0), positions 2-5 in block 0 and 6-9 in block 1: each position is
+        first placed in its slot, whose length is B except at the short block's, then permuted."""
         B, blocks = self.block, -(-self.n // self.block)
         last_size = self.n - (blocks - 1) * B
         block_keys = _round_keys(self.seed, self.epoch, self.n, B, "blocks")
@@ -2145,7 +2072,7 @@ def _demo(folder: str | None) -> None:
 def _length_stats(starts: np.ndarray, where: Path) -> str:
     """'min / mean / max' of the item lengths, in bounded runs: no array of N lengths."""
     low, high, total = None, 0, 0
-    for offsets in _checked_runs(starts, where):
+    for _, offsets in _runs(starts, 1, where):
         lengths = np.diff(offsets)
         low = int(lengths.min()) if low is None else min(low, int(lengths.min()))
         high, total = max(high, int(lengths.max())), total + int(offsets[-1] - offsets[0])

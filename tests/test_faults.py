@@ -87,10 +87,12 @@ def test_a_killed_merge_leaves_the_old_map(old_map, in_tmp):
         pm.build_map(tokens(30, seed=k), f"shard{k}", progress=False)
     script = """
         import time, picomap as pm
+        copy = pm._copy_into
         def stall(*args):
+            copy(*args)
             print("midway", flush=True)
             time.sleep(60)
-        pm._compute_hash = stall  # the data is copied; killed before the hash and the commit
+        pm._copy_into = stall  # the first shard's data is copied; killed before the rest and the commit
         pm.merge_maps(["shard0", "shard1"], "toy", progress=False)
     """
     kill_when_midway(start_python(script, in_tmp))
