@@ -69,6 +69,9 @@ COPY_CHUNK_BYTES = 64 << 20
 # of the map or 1 MiB, whichever is larger, and the json holds at most ~20 KB of digests.
 PIECE_BYTES = 1 << 20
 MAX_BLOCKS = 1000
+# Offsets of another integer type or byte order than the host's uint64 cannot be mapped as they are;
+# up to this many are read and converted at open (8 MiB), more are refused: opening stays O(1).
+MAX_CONVERTED_OFFSETS = 1 << 20
 # A loader checks the offsets of 2**CHECK_SHIFT items (128 KiB of them) the first time one of those
 # items is loaded, rather than all of them at open: opening stays O(1) and the offsets stay shared.
 CHECK_SHIFT = 14
@@ -473,8 +476,8 @@ def _folder_lock(folder: Path, exclusive: bool):
     """Hold flock on the folder: a commit takes it exclusively, an opener shared, so no opener reads
     the json of one build with the data of another. Where flock is missing, go on without it."""
     fd = None
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+    with contextlib.suppress(OSError):  # (a FIFO where the folder should be is refused, never waited on)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NONBLOCK", 0))
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     try:
@@ -487,32 +490,43 @@ def _folder_lock(folder: Path, exclusive: bool):
 def _open(path: str | os.PathLike) -> _Map | _Set:
     """Open, check and map the map or set at path, in O(1) time and memory whatever its item count."""
     files = map_files(path)
+    if os.path.lexists(_intent(files)):  # a commit was cut short: finish it first
+        with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
+            _recover(files, folder_fd)
     # one shared lock for all the files, the fields' too: a commit waits for it, so they are one build's
     with _folder_lock(files.json.parent, exclusive=False):
         with _regular_file(files.json) as handle:
             raw = _read_json(files.json, handle)
         if "fields" in raw:
             return _open_set(files, _read_set_json(files.json, raw))
-        header = _read_map_json(files.json, raw)
-        with _regular_file(files.starts) as handle:
-            starts = _map_starts(files.starts, handle, header)
-        with _regular_file(files.dat) as handle:  # size check and mapping on one handle: one file, never two
-            return _Map(files, header, starts, _map_rows(handle, files, header), _identity(handle))
+        return _open_map_files(files, _read_map_json(files.json, raw), follow=True)
 
 
-def _open_map(path: str | os.PathLike) -> _Map:
-    """_open for a single map: ValueError if path holds a set."""
-    opened = _open(path)
-    if isinstance(opened, _Set):
-        raise ValueError(f"{opened.files.json}: a set of fields, where a single map was expected")
-    return opened
+def _open_map_files(files: MapFiles, header: _MapJson, follow: bool) -> _Map:
+    with _regular_file(files.starts, follow) as handle:
+        starts = _map_starts(files.starts, handle, header)
+    with _regular_file(files.dat, follow) as handle:  # size check and mapping on one handle: one file, never two
+        data = _map_rows(handle, files, header)
+        _check_digests(files, header, data.nbytes)
+        return _Map(files, header, starts, data, _identity(handle))
 
 
 def _open_set(files: MapFiles, header: _SetJson) -> _Set:
+    """A set's fields, opened from its build folder: picomap's own files there, never links."""
     folder = _fields_folder(files) / header.build
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise ValueError(f"{files.json}: {folder} is not a folder (a link, a file or a FIFO); a set's fields "
+                             "are maps in a folder of their own")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{files.json}: its fields' folder {folder} is missing; a set is NAME.json and "
+                                "the folder NAME.fields beside it: copy or move both") from None
     fields = {}
     for name, digest in header.fields.items():
-        field = _open_map(folder / name)
+        field_files = map_files(folder / name)
+        with _regular_file(field_files.json, follow=False) as handle:
+            raw = _read_json(field_files.json, handle)
+        field = _open_map_files(field_files, _read_map_json(field_files.json, raw), follow=False)
         if field.header.hash != digest or field.header.count != header.count:
             raise ValueError(f"{files.json}: field {name!r} ({field.files.json}) holds {field.header.count} items "
                              f"of hash {field.header.hash}, not the {header.count} of hash {digest} the set "
@@ -521,15 +535,23 @@ def _open_set(files: MapFiles, header: _SetJson) -> _Set:
     return _Set(files, header, fields)
 
 
-def _regular_file(path: Path):
-    """path opened for reading, if it is a regular file: never blocks on a FIFO or reads a device."""
+def _regular_file(path: Path, follow: bool = True):
+    """path opened for reading, if it is a regular file (and, unless follow, not a link): never
+    blocks on a FIFO or reads a device."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing (a map is three files side by side: "
                                 "NAME.dat, NAME.starts.npy and NAME.json)") from None
     except IsADirectoryError:  # where a folder cannot be opened at all
         raise ValueError(f"{path}: a folder, not a map file") from None
+    except NotADirectoryError:
+        raise ValueError(f"{path}: its folder is not a folder (a file or a FIFO)") from None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"{path}: a link, where a set keeps its own files only") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ValueError(f"{path}: not a regular file (a folder, FIFO or device); a map is three regular files")
@@ -573,9 +595,13 @@ def _map_starts(starts_file: Path, handle, header: _MapJson) -> np.ndarray:
                          "are needed (file seems not fully written?)")
     if dtype.itemsize == 8 and dtype.isnative:  # as picomap writes them; uint64 values past 2**63 turn negative
         starts = np.ndarray(shape, dtype, buffer=_mmap(handle), offset=offset).view(np.int64)
-    else:  # another writer's integers: read and converted, O(N), since they cannot be mapped as int64
+    elif shape[0] <= MAX_CONVERTED_OFFSETS:  # another writer's integers: read and converted, O(N)
         starts = np.fromfile(handle, dtype, shape[0]).astype(np.int64)
         starts.flags.writeable = False
+    else:
+        raise ValueError(f"{starts_file}: {shape[0]:,} offsets of {dtype.str}, which picomap would have to read "
+                         f"and convert whole; rewrite them as native uint64 (np.save(path, np.load(path)"
+                         ".astype(np.uint64)))")
     if starts[0] != 0:
         raise ValueError(f"{starts_file}: the first offset is {starts[0]}, not 0")
     if starts[-1] != header.total_rows:
@@ -600,6 +626,19 @@ def _map_rows(handle, files: MapFiles, header: _MapJson) -> np.ndarray:
         return np.ndarray(shape, header.dtype, buffer=_mmap(handle))
     except ValueError as e:  # numpy's own message would not say which map
         raise ValueError(f"{files.json}: shape {shape} of {header.dtype} is not a valid array ({e})") from None
+
+
+def _check_digests(files: MapFiles, header: _MapJson, nbytes: int) -> None:
+    """Refuse block digests that do not fit the .dat: as many as its size makes blocks, and pieces
+    few enough (a million, or one a KiB) that locating damage stays one cheap pass."""
+    if header.block_digests is None:
+        return
+    piece = header.piece_bytes or header.block_bytes  # 1.0 digested whole blocks
+    blocks = -(-nbytes // header.block_bytes)
+    if len(header.block_digests) != blocks or -(-nbytes // piece) > max(1 << 20, nbytes >> 10):
+        raise ValueError(f"{files.json}: {len(header.block_digests)} block digests of {header.block_bytes} bytes "
+                         f"(pieces of {piece}) do not fit the {nbytes} bytes of {files.dat.name}, which make "
+                         f"{blocks} blocks")
 
 
 def _check_offsets(offsets: np.ndarray, first_item: int, low: int, high: int, where: Path) -> None:
@@ -631,40 +670,70 @@ def _runs(starts: np.ndarray, row_bytes: int, where: Path):
 
 # ---------------------------------------------------------------- commit
 
-class _Staging:
-    """One build's temporaries beside the map at ``files`` (and, for a set, its field folder):
-    the writers fill ``temps`` (or ``folder``), ``commit()`` renames them into place, json last;
-    ``discard()`` removes them. Whatever map was at ``files`` is untouched until the commit, and
-    replaced at once by it.
+# How a build becomes the map at its path (README, "How a build is committed"). A build writes its
+# files as temporaries, .NAME.dat.TAG.tmp etc. (a set: its json, and its fields in NAME.fields/TAG),
+# holding an flock on one of them, its claim, while it lives. Then, holding the folder's lock:
+#   1. each file it replaces is hard-linked to a backup, .NAME.dat.TAG.old etc.;
+#   2. an intent, .NAME.json.commit, names the build and its files; it is fsynced with the folder;
+#   3. the temporaries are renamed into place, json last, and the folder fsynced;
+#   4. the intent, then the backups, are deleted.
+# A failure in 3 marks the commit as going back (an empty .NAME.json.TAG.back) and puts the backups
+# back: the old map. Whoever opens or builds the map next and finds an intent finishes it under the
+# lock: forward, renaming what is left, or back if it was going back or forward fails. So at every
+# instant the path holds the old map whole or the new one whole, once the intent is dealt with.
 
-    A live build holds an exclusive flock on one of its temporaries, its claim, for its whole life;
-    a process killed outright leaves its temporaries unlocked, and the next build of the same map
-    removes them. That lock is how one build tells another's live files from abandoned ones.
-    """
+
+class _Staging:
+    """One build's temporaries beside the map at ``files`` (and, for a set, its field folder): the
+    writers fill ``temps`` (or ``folder``), ``commit()`` puts them in place, ``discard()`` removes
+    them. Whatever map was at ``files`` is untouched until the commit, and replaced at once by it."""
 
     def __init__(self, files: MapFiles, is_set: bool):
-        files.json.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned(files)
         self.files, self.tag, self.is_set = files, secrets.token_hex(6), is_set
-        self.temps = MapFiles(*(p.with_name(f".{p.name}.{self.tag}.tmp") for p in files))
-        self.claim: int | None = _claim(self.temps.json if is_set else self.temps.dat)
+        self.temps = MapFiles(*(_sibling(p, self.tag, "tmp") for p in files))
         self.folder = _fields_folder(files) / self.tag if is_set else None  # the set's field maps
+        self.made = _make_folders(files.json.parent)  # removed again if this build fails
+        self.claim: int | None = None
+        try:
+            # with the folder locked, no other build is committing, cleaning up or making its claim
+            with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
+                _recover(files, folder_fd)
+                _remove_abandoned(files)
+                self.claim = _claim(self.temps.json if is_set else self.temps.dat)
+        except BaseException:
+            self.discard()
+            raise
 
     def commit(self) -> None:
         """Put the written temporaries in place: the json's rename is the moment the new map appears."""
+        parts = [k for k, temp in enumerate(self.temps) if os.path.lexists(temp)]
+        intent, renaming = None, False
         try:
             if self.is_set:  # the field maps' files were fsynced; now their names
                 _fsync_folder(self.folder)
                 _fsync_folder(self.folder.parent)
-            renames = [(self.temps.json, self.files.json)] if self.is_set else zip(self.temps, self.files)
             with _folder_lock(self.files.json.parent, exclusive=True) as folder_fd:
-                for temp, final in renames:
-                    os.replace(temp, final)
-                if folder_fd is not None:  # make the renames themselves durable
-                    os.fsync(folder_fd)
+                _recover(self.files, folder_fd)  # another build's, killed in the middle of its commit
+                for k in parts:  # 1. backups of what is replaced
+                    if os.path.lexists(self.files[k]):
+                        os.link(self.files[k], _sibling(self.files[k], self.tag, "old"))
+                intent = _intent(self.files)
+                with _new_file(intent) as handle:  # 2.
+                    handle.write(json.dumps({"build": self.tag, "files": parts}).encode())
+                _fsync(folder_fd)
+                renaming = True
+                error = _finish_commit(self.files, self.tag, parts, folder_fd)  # 3. and 4.
+                if error is not None:
+                    raise error
                 self._remove_replaced()
         except BaseException:
-            self.discard()
+            if not renaming and intent is not None:  # nothing renamed yet: the intent goes with the rest
+                with contextlib.suppress(OSError):
+                    os.unlink(intent)
+            if renaming and os.path.lexists(_intent(self.files)):  # going back failed: the next open goes on
+                self._release()
+            else:
+                self.discard()
             raise
         self._release()
 
@@ -677,23 +746,29 @@ class _Staging:
                 with contextlib.suppress(OSError):
                     os.unlink(stale)
         folder = _fields_folder(self.files)
-        if not folder.is_dir():
+        if fcntl is None or not folder.is_dir():
             return
-        live = _live_tags(self.files)[0] if fcntl is not None else None
-        for build in folder.iterdir():  # only folders named as builds name them: never a user's own
-            if _is_build(build.name) and build.name != self.tag and live is not None and build.name not in live:
+        live = _live_tags(self.files)[0]
+        for build in folder.iterdir():  # only what a build writes: never a user's own folder
+            if build.name != self.tag and build.name not in live and _is_build_folder(build):
                 shutil.rmtree(build, ignore_errors=True)
         with contextlib.suppress(OSError):  # gone if empty, as when a plain map replaced a set
             folder.rmdir()
 
     def discard(self) -> None:
-        for temp in self.temps:
+        """Remove this build's temporaries, and the folders it made; a map in place stays as it was."""
+        if self.claim is not None:  # only a build that made its claim has files to remove
+            for own in [*self.temps, *(_sibling(final, self.tag, "old") for final in self.files)]:
+                with contextlib.suppress(OSError):
+                    os.unlink(own)
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                with contextlib.suppress(OSError):  # NAME.fields, if this build made it and nothing else is in it
+                    self.folder.parent.rmdir()
+        for folder in self.made:  # deepest first; only if empty: another build may be using it
             with contextlib.suppress(OSError):
-                os.unlink(temp)
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            with contextlib.suppress(OSError):  # NAME.fields, if this build made it and nothing else is in it
-                self.folder.parent.rmdir()
+                folder.rmdir()
+        self.made = []
         self._release()
 
     def _release(self) -> None:
@@ -702,24 +777,127 @@ class _Staging:
             self.claim = None
 
 
+def _sibling(final: Path, tag: str, kind: str) -> Path:
+    """A build's own file beside a map's file: .NAME.dat.TAG.tmp (a temporary), .old (a backup), .back."""
+    return final.with_name(f".{final.name}.{tag}.{kind}")
+
+
+def _intent(files: MapFiles) -> Path:
+    return files.json.with_name(f".{files.json.name}.commit")
+
+
+def _finish_commit(files: MapFiles, tag: str, parts: list, folder_fd: int | None) -> BaseException | None:
+    """Steps 3 and 4 of a commit whose intent is written: forward, or back if it was going back or
+    forward fails. Returns None if it went forward, else the error that sent it back."""
+    going_back, error = _sibling(files.json, tag, "back"), None
+    if not os.path.lexists(going_back):
+        try:
+            for k in parts:
+                if os.path.lexists(_sibling(files[k], tag, "tmp")):
+                    os.replace(_sibling(files[k], tag, "tmp"), files[k])
+            _fsync(folder_fd)
+            _forget_commit(files, tag, parts)
+            return None
+        except BaseException as e:  # Ctrl-C too: the old map is put back before it goes on
+            error = e
+            with _new_file(going_back):
+                pass
+            _fsync(folder_fd)
+    _roll_back(files, tag, parts, folder_fd)
+    return error or ValueError(f"{_intent(files)}: the commit of build {tag} was going back")
+
+
+def _roll_back(files: MapFiles, tag: str, parts: list, folder_fd: int | None) -> None:
+    for k in parts:
+        old, temp = _sibling(files[k], tag, "old"), _sibling(files[k], tag, "tmp")
+        if os.path.lexists(old):
+            if not (os.path.lexists(files[k]) and os.path.samefile(old, files[k])):  # (else never replaced)
+                os.replace(old, files[k])
+        elif not os.path.lexists(temp):  # renamed into place, where no file was before
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(files[k])
+    _fsync(folder_fd)
+    _forget_commit(files, tag, parts)
+
+
+def _forget_commit(files: MapFiles, tag: str, parts: list) -> None:
+    """Step 4: the intent first (the commit is over), then what it kept."""
+    os.unlink(_intent(files))
+    for path in [_sibling(files[k], tag, kind) for k in parts for kind in ("old", "tmp")] + [
+            _sibling(files.json, tag, "back")]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _recover(files: MapFiles, folder_fd: int | None) -> None:
+    """Finish a commit that a crash or an error interrupted (its intent is still there); the
+    caller holds the folder's lock. ValueError naming the intent if it cannot be finished here."""
+    intent = _intent(files)
+    try:
+        with _regular_file(intent) as handle:
+            text = handle.read(4096)
+    except FileNotFoundError:
+        return
+    try:
+        record = json.loads(text)
+        tag, parts = record["build"], record["files"]
+        valid = _is_hex(tag, 12) and isinstance(parts, list) and all(k in (0, 1, 2) for k in parts)
+    except (ValueError, TypeError, KeyError):
+        valid = False
+    try:
+        if not valid:  # cut short while it was written: no file had been renamed yet
+            os.unlink(intent)
+            return
+        _finish_commit(files, tag, parts, folder_fd)
+    except OSError as e:
+        raise ValueError(f"{intent}: a commit of this map was interrupted and cannot be finished here ({e}); "
+                         "open the map once where its folder can be written") from None
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make folder and its missing parents; return those it made, deepest first."""
+    missing, at, made = [], folder, []
+    while not at.is_dir():
+        if os.path.lexists(at):  # a file, a FIFO or a broken link
+            raise ValueError(f"{at}: not a folder, where the map's folder {folder} should be")
+        missing.append(at)
+        at = at.parent
+    try:
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another build made it meanwhile
+                new.mkdir()
+                made.insert(0, new)
+    except OSError as e:
+        for new in made:
+            with contextlib.suppress(OSError):
+                new.rmdir()
+        _raise_if_read_only(e, new.parent)
+        raise
+    return made
+
+
 def _claim(path: Path) -> int:
     """Create path (a new temporary name) and hold an exclusive flock on it while this process lives."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        raise PermissionError(e.errno, f"{path.parent}: cannot create files there (read-only?); "
-                              "nothing was changed") from None
+        _raise_if_read_only(e, path.parent)
+        raise
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 
+def _raise_if_read_only(error: OSError, folder: Path) -> None:
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise PermissionError(error.errno, f"{folder}: cannot create files there (read-only?); "
+                              "nothing was changed") from None
+
+
 def _is_held(path: Path) -> bool:
-    """Whether some process holds a flock on path (its build is alive)."""
+    """Whether some process holds a flock on path (its build is alive). Never blocks, even on a FIFO."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return False
     try:
@@ -732,25 +910,47 @@ def _is_held(path: Path) -> bool:
 
 
 def _live_tags(files: MapFiles) -> tuple[set, dict]:
-    """The tags of the builds of this map that are alive, and the temporaries of the abandoned
-    ones (a SIGKILL, a power cut) by tag: (live, abandoned)."""
+    """The tags of the builds of this map that are alive, and the regular files of the abandoned
+    ones (a SIGKILL, a power cut) by tag: (live, abandoned). Anything else is left alone."""
     found: dict[str, list[Path]] = {}
     for final in files:
-        for temp in files.dat.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
-            found.setdefault(temp.name[len(final.name) + 2:-len(".tmp")], []).append(temp)
-    live = {tag for tag, temps in found.items() if any(_is_held(t) for t in temps)}
+        for path in files.dat.parent.glob(f".{glob.escape(final.name)}.*.*"):
+            tag, kind = path.name[len(final.name) + 2:].rsplit(".", 1)
+            if _is_hex(tag, 12) and kind in ("tmp", "old", "back") and path.is_file() and not path.is_symlink():
+                found.setdefault(tag, []).append(path)
+    live = {tag for tag, paths in found.items() if any(_is_held(p) for p in paths)}
     return live, {tag: found[tag] for tag in found.keys() - live}
 
 
 def _remove_abandoned(files: MapFiles) -> None:
-    """Delete the temporaries of builds of this map whose process is gone. (A set's abandoned field
-    folders go at its next commit.)"""
+    """Delete the files of builds of this map whose process is gone (the caller holds the folder's
+    lock, and finished any commit first). A set's abandoned field folders go at its next commit."""
     if fcntl is None:  # no way to tell a live build from a dead one
         return
-    for temps in _live_tags(files)[1].values():
-        for temp in temps:
+    for paths in _live_tags(files)[1].values():
+        for path in paths:
             with contextlib.suppress(OSError):
-                os.unlink(temp)
+                os.unlink(path)
+
+
+def _is_build_folder(path: Path) -> bool:
+    """A set's build folder as picomap writes it: 12 hex digits, holding only field maps' files."""
+    return _is_hex(path.name, 12) and path.is_dir() and not path.is_symlink() and all(
+        entry.is_file() and not entry.is_symlink() and entry.name.endswith(_SUFFIXES) for entry in path.iterdir())
+
+
+@contextlib.contextmanager
+def _new_file(path: Path):
+    """Yield a new file at path, open for writing; then fsync and close it."""
+    with open(path, "xb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync(fd: int | None) -> None:
+    if fd is not None:  # None: where the folder could not be opened (then its lock is missing too)
+        os.fsync(fd)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -1078,7 +1278,9 @@ class MapWriter:
     Ctrl-C included, or ``discard()`` removes everything written, and so does dropping a writer
     never closed: a map already at ``path`` is untouched until the commit replaces it at once. An
     ``append`` that raises discards the writer too (later calls raise ValueError): a map is never
-    committed with an item missing. ``len(writer)`` is the count of items appended.
+    committed with an item missing. ``len(writer)`` is the count of items appended. ``append``,
+    ``close`` and ``discard`` may be called from several threads: each item appended is in the map
+    once, in the order the calls took the writer's lock.
     """
 
     def __init__(self, path: str | os.PathLike, *, progress: bool = True, meta: dict | None = None, dtype=None):
@@ -1090,23 +1292,25 @@ class MapWriter:
         name = self._files.json.name.removesuffix(".json")
         self._bar = None if not progress else tqdm(desc=f"build {name}", unit=" items")
         self._unshown = 0  # items appended since the bar last moved
+        self._lock = threading.Lock()
 
     def append(self, item) -> None:
         """Add one item: an array (or array-like, CPU torch tensor), a str or bytes, or a dict of those."""
-        if self._items is None:
-            self._start(isinstance(item, dict), item)
-        try:
-            self._items.add(self._count, item)
-        except BaseException as e:
-            self.discard()
-            self._error = f"{type(e).__name__} at item {self._count}"
-            raise
-        self._count += 1
-        if self._bar is not None:  # as tqdm's own loop does: the bar only moves every miniters items
-            self._unshown += 1
-            if self._unshown >= self._bar.miniters:
-                self._bar.update(self._unshown)
-                self._unshown = 0
+        with self._lock:
+            if self._items is None:
+                self._start(isinstance(item, dict), item)
+            try:
+                self._items.add(self._count, item)
+            except BaseException as e:
+                self._discard()
+                self._error = f"{type(e).__name__} at item {self._count}"
+                raise
+            self._count += 1
+            if self._bar is not None:  # as tqdm's own loop does: the bar only moves every miniters items
+                self._unshown += 1
+                if self._unshown >= self._bar.miniters:
+                    self._bar.update(self._unshown)
+                    self._unshown = 0
 
     def _start(self, is_set: bool, first) -> None:
         """Stage the build and make its writer: a set's from item 0's fields, else a map's."""
@@ -1122,31 +1326,36 @@ class MapWriter:
             self._items = _SetWriter(staging, first, self._dtype or {}) if is_set else \
                 _ItemWriter(staging.temps, self._dtype)
         except BaseException:
-            self.discard()
+            self._discard()
             raise
 
     def close(self) -> dict:
         """Commit: write what is left and put the map in place at once; return its json."""
-        if self.header is not None:
-            return self.header
-        if self._items is None:
-            # no item: an empty map, even where dtype= named fields; merge_maps takes it beside sets
-            if isinstance(self._dtype, dict):
-                self._dtype = None
-            self._start(False, None)
-        try:
-            header = self._items.finish(self._meta)
-            self._staging.commit()
-        except BaseException:
-            self.discard()
-            raise
-        self._dropped.detach()
-        self._close_bar()
-        self.header, self._items, self._staging = header, None, None
-        return header
+        with self._lock:
+            if self.header is not None:
+                return self.header
+            if self._items is None:
+                # no item: an empty map, even where dtype= named fields; merge_maps takes it beside sets
+                if isinstance(self._dtype, dict):
+                    self._dtype = None
+                self._start(False, None)
+            try:
+                header = self._items.finish(self._meta)
+                self._staging.commit()
+            except BaseException:
+                self._discard()
+                raise
+            self._dropped.detach()
+            self._close_bar()
+            self.header, self._items, self._staging = header, None, None
+            return header
 
     def discard(self) -> None:
         """Remove everything written; a map already at the path stays as it was."""
+        with self._lock:
+            self._discard()
+
+    def _discard(self) -> None:
         if self._items is not None:
             self._items.close()
         if self._staging is not None:
@@ -1379,9 +1588,6 @@ def _verify_map(opened: _Map, progress: bool) -> bool:
     blocks.update(_as_bytes(data))
     found = blocks.grouped(header.block_bytes // header.piece_bytes)["block_digests"] if header.piece_bytes \
         else [f"{digest:016x}" for digest in blocks.pieces()]  # 1.0: each block's bytes digested whole
-    if len(found) != len(header.block_digests):
-        raise ValueError(f"{message}; the json lists {len(header.block_digests)} block digests where "
-                         f"{files.dat.name} has {len(found)} blocks")
     bad = [k for k, (a, b) in enumerate(zip(found, header.block_digests)) if a != b]
     if not bad:
         raise ValueError(f"{message}; every block of {files.dat.name} is intact, so {files.starts.name} or the "
@@ -1535,29 +1741,30 @@ class MapLoader:
 class _ArrayLoader(MapLoader):
     """A MapLoader of one map of arrays, read through the page cache: load(i) is one slice of the
     mapped rows. The cold and text loaders are this with another way to read or return an item."""
-    __slots__ = ("_starts", "_data", "_begins", "_ends", "_chunks", "_ready", "_checked", "_lock", "_lengths",
-                 "_rebased")
+    __slots__ = ("_starts", "_data", "_begins", "_ends", "_chunks", "_checked", "_lock", "_lengths", "_rebased",
+                 "_root")
 
-    def _serve(self, files: MapFiles, header: _MapJson, data: np.ndarray, starts: np.ndarray, first: int):
+    def _serve(self, files: MapFiles, header: _MapJson, data: np.ndarray, starts: np.ndarray, first: int,
+               root: _ArrayLoader | None = None):
         """Serve the items whose offsets are ``starts`` (both ends checked), the first being item
-        ``first`` of the map: the one way every array loader is made. Returns self."""
+        ``first`` of the map, for a slice of ``root``: the one way every array loader is made."""
         self._files, self._header, self._data, self._starts = files, header, data, starts
-        self._first, self._count, self._rebased = first, len(starts) - 1, None
+        self._first, self._count, self._rebased, self._root = first, len(starts) - 1, None, root or self
         # memoryviews index to Python ints fast and allocate nothing per item
         self._begins, self._ends = memoryview(starts)[:-1], memoryview(starts)[1:]
-        # A flag a chunk, set once its offsets are checked, then as many again never set: twice, a
-        # list for load(i) (CPython indexes lists fastest) and bytes to search for the nearest set.
-        # Example, 3 chunks: _ready = [c0, c1, c2, False, False, False, False]. For i = -1,
-        # i >> CHECK_SHIFT is -1, whose flag (the last) is never set: a negative index always takes
-        # the slow path, which counts it from the end, with no test for i < 0 on the fast one.
+        # A byte a chunk, set once its offsets are checked, then as many again never set. Example,
+        # 3 chunks: _checked = [c0, c1, c2, 0, 0, 0, 0]. For i = -1, i >> CHECK_SHIFT is -1, whose
+        # byte (the last) is never set: a negative index always takes the slow path, which counts
+        # it from the end, with no test for i < 0 on the fast one. (2 bytes a chunk, whatever the
+        # files claim: 32 MiB at the largest offsets file ext4 holds.)
         self._chunks = -(-self._count >> CHECK_SHIFT)
-        self._ready, self._checked = [False] * (2 * self._chunks + 1), bytearray(2 * self._chunks + 1)
+        self._checked = bytearray(2 * self._chunks + 1)
         self._lock, self._lengths = threading.Lock(), None
         return self
 
     def __call__(self, i, copy: bool = False) -> np.ndarray:
         try:
-            if self._ready[i >> CHECK_SHIFT]:
+            if self._checked[i >> CHECK_SHIFT]:
                 item = self._data[self._begins[i]:self._ends[i]]
             else:
                 item = self._load_checking(i)
@@ -1585,7 +1792,15 @@ class _ArrayLoader(MapLoader):
 
     def _check_chunk(self, i: int) -> None:
         """Check the offsets of item i's chunk, and that they fit between the nearest checked chunks
-        on either side: so all items served, before and after, keep to the data and to themselves."""
+        on either side: so all items served, before and after, keep to the data and to themselves.
+        A slice has the whole map's loader check the chunks its own chunk's items lie in."""
+        if self._root is not self:
+            chunk = i >> CHECK_SHIFT
+            for item in (self._first + (chunk << CHECK_SHIFT), self._first + min((chunk + 1) << CHECK_SHIFT, self._count) - 1):
+                if not self._root._checked[item >> CHECK_SHIFT]:
+                    self._root._check_chunk(item)
+            self._checked[chunk] = 1
+            return
         with self._lock:
             checked, chunk = self._checked, i >> CHECK_SHIFT
             first, end = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, self._count)
@@ -1596,17 +1811,19 @@ class _ArrayLoader(MapLoader):
                 _check_offsets(self._starts[first:end + 1], self._first + first, low, high, self._files.starts)
             except ValueError as e:
                 raise ValueError(f"{e}: item {self._first + i} is not served; verify_hash tells more") from None
-            checked[chunk], self._ready[chunk] = 1, True
+            checked[chunk] = 1
 
     def _sliced(self, items: slice) -> _ArrayLoader:
-        """``load[a:b]``: a loader of items a..b-1, of this one's class, sharing its mappings (no copy)."""
+        """``load[a:b]``: a loader of items a..b-1, of this one's class, sharing its mappings (no copy).
+        Its first and last offsets are checked by the loader of the whole map, as loads there are:
+        so no two slices of it, nor the map and a slice, serve rows of one item as another's."""
         first, end = self._slice_range(items)
-        starts = self._starts[first:end + 1]
-        low, high = int(starts[0]), int(starts[-1])
-        if not 0 <= low <= high <= self._header.total_rows:
-            raise ValueError(f"{self._files.starts}: items {self._first + first}-{self._first + end - 1} run from "
-                             f"row {low} to {high}, outside 0-{self._header.total_rows}")
-        return object.__new__(type(self))._serve(self._files, self._header, self._data, starts, self._first + first)
+        root = self._root
+        for i in (self._first + first, self._first + end - 1):  # the chunks holding offsets first and end
+            if 0 <= i < root._count and not root._checked[i >> CHECK_SHIFT]:
+                root._check_chunk(i)
+        return object.__new__(type(self))._serve(self._files, self._header, self._data,
+                                                 self._starts[first:end + 1], self._first + first, root)
 
     def _is_closed(self) -> bool:
         return self._data is None
@@ -1616,7 +1833,7 @@ class _ArrayLoader(MapLoader):
         stay valid; the mappings are released when the last of them is gone."""
         self._data = self._starts = self._lengths = self._rebased = None
         self._begins = self._ends = memoryview(b"")
-        self._ready, self._checked = [], bytearray()
+        self._checked = bytearray()
 
     def _live(self, name: str):
         """The array held in slot ``name``; ValueError once closed."""
@@ -1671,7 +1888,7 @@ class _ArrayLoader(MapLoader):
             starts = self._live("_starts")
             for _ in _runs(starts, self._header.row_bytes, self._files.starts):
                 pass
-            self._checked[:self._chunks], self._ready[:self._chunks] = b"\1" * self._chunks, [True] * self._chunks
+            self._checked[:self._chunks] = b"\1" * self._chunks
             lengths = np.diff(starts)
             lengths.flags.writeable = False
             self._lengths = lengths
@@ -1690,10 +1907,10 @@ class _ColdLoader(_ArrayLoader):
     __slots__ = ()
     _reads_cold = True
 
-    def _serve(self, files, header, data, starts, first) -> _ColdLoader:
+    def _serve(self, files, header, data, *rest) -> _ColdLoader:
         if data.nbytes:
             data.base.madvise(mmap.MADV_RANDOM)
-        return super()._serve(files, header, data, starts, first)
+        return super()._serve(files, header, data, *rest)
 
     def __call__(self, i, copy: bool = False) -> np.ndarray:
         item = _ArrayLoader.__call__(self, i)
@@ -1734,13 +1951,13 @@ class _TextLoader(_ArrayLoader):
     """A MapLoader for a map of text: ``load(i)`` is a new str (or bytes) of the item's bytes."""
     __slots__ = ("_bytes", "_decode")  # the .dat as a memoryview, which slices in half the time an ndarray does
 
-    def _serve(self, files, header, data, starts, first) -> _TextLoader:
+    def _serve(self, files, header, data, *rest) -> _TextLoader:
         self._bytes, self._decode = memoryview(data), _TEXT_KINDS[header.text].decode
-        return super()._serve(files, header, data, starts, first)
+        return super()._serve(files, header, data, *rest)
 
     def __call__(self, i, copy: bool = False) -> str | bytes | MapLoader:
         try:  # the fast path of _ArrayLoader.__call__, on the memoryview
-            raw = self._bytes[self._begins[i]:self._ends[i]] if self._ready[i >> CHECK_SHIFT] else None
+            raw = self._bytes[self._begins[i]:self._ends[i]] if self._checked[i >> CHECK_SHIFT] else None
         except (IndexError, TypeError):
             raw = None
         if raw is None:  # a chunk's first load, a negative index, a slice or an error: as the parent does
@@ -1825,7 +2042,8 @@ def _loader(opened: _Map | _Set, access: str) -> MapLoader:
             name: _loader(field, "cold" if cold else "cached") for name, field in opened.fields.items()})
     cold = _cold(opened.data.nbytes, access)  # (text is always read cached: small items, copied anyway)
     kind = _TextLoader if opened.header.text else _ColdLoader if cold else _ArrayLoader
-    return object.__new__(kind)._serve(opened.files, opened.header, opened.data, opened.starts, first=0)
+    header = opened.header._replace(block_digests=None)  # verify_hash's alone: not kept by every loader
+    return object.__new__(kind)._serve(opened.files, header, opened.data, opened.starts, 0)
 
 
 def _reopen(path: str, digest: str, first: int, end: int, access: str, is_set: bool) -> MapLoader:

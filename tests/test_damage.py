@@ -98,14 +98,16 @@ def test_malformed_block_keys_are_refused(in_tmp, change):
         pm.get_loader_fn("toy")
 
 
-def test_a_json_listing_too_many_blocks_is_reported(in_tmp, small_blocks):
+def test_a_json_listing_too_many_blocks_is_refused_at_open(in_tmp, small_blocks):
     pm.build_map(tokens(20), "toy", progress=False)
     header = read_json("toy")
     header["block_digests"].append("0" * 16)
     header["hash"] = "0" * 32
     write_json("toy", header)
-    with pytest.raises(ValueError, match="the json lists .* block digests where toy.dat has"):
-        pm.verify_hash("toy", progress=False)
+    for job in (pm.verify_hash, pm.get_loader_fn):
+        with pytest.raises(ValueError, match="toy.json: 6 block digests .* do not fit the 1260 bytes of toy.dat, "
+                                             "which make 5 blocks"):
+            job("toy")
 
 
 def test_pieces_are_grouped_into_at_most_max_blocks(in_tmp, monkeypatch):

@@ -1,0 +1,257 @@
+"""The commit protocol: a failure or a SIGKILL at every step of a commit, builds racing on one path,
+threads appending to one writer, and the folders a failed build made."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import picomap as pm
+from conftest import listing, tokens
+from test_faults import same_items, version_items
+
+PYTHONPATH = str(Path(pm.__file__).parent)
+STEPS = ("link", "replace", "fsync")  # the system calls of a commit a fault is injected into
+
+
+def clips(n, seed):
+    rng = np.random.default_rng(seed)
+    return [{"audio": rng.standard_normal(int(rng.integers(1, 9))).astype(np.float32),
+             "text": f"clip {seed}.{k}"} for k in range(n)]
+
+
+KINDS = {"map": lambda seed: tokens(12, seed=seed), "set": lambda seed: clips(5, seed)}
+
+
+def read_all(path):
+    load, n = pm.get_loader_fn(path)
+    return [load(i, copy=True) for i in range(n)]
+
+
+def is_whole(got, want) -> bool:
+    return len(got) == len(want) and all(same_items(a, b) for a, b in zip(got, want))
+
+
+def commit_calls(kind, folder) -> int:
+    """How many links, renames and fsyncs a clean commit of this kind makes (after its files are written)."""
+    pm.build_map(KINDS[kind](1), folder / "probe", progress=False)
+    calls = []
+    with inject(lambda name: calls.append(name)):
+        pm.build_map(KINDS[kind](2), folder / "probe", progress=False)
+    return len(calls)
+
+
+class inject:
+    """While a commit runs, call on_call(name) before each os.link, os.replace and os.fsync."""
+
+    def __init__(self, on_call):
+        self.on_call, self.real = on_call, {name: getattr(os, name) for name in STEPS}
+        self.commit = pm._Staging.commit
+
+    def __enter__(self):
+        on_call, real, commit = self.on_call, self.real, self.commit
+        active = []
+
+        def wrapped(name):
+            def call(*args, **kwargs):
+                if active:
+                    on_call(name)
+                return real[name](*args, **kwargs)
+            return call
+
+        def committing(staging):
+            active.append(True)
+            try:
+                return commit(staging)
+            finally:
+                active.clear()
+        for name in STEPS:
+            setattr(os, name, wrapped(name))
+        pm._Staging.commit = committing
+        return self
+
+    def __exit__(self, *exc):
+        for name, function in self.real.items():
+            setattr(os, name, function)
+        pm._Staging.commit = self.commit
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_failure_at_any_step_of_a_commit_leaves_the_old_map_or_the_new_one(in_tmp, kind):
+    steps = commit_calls(kind, in_tmp)
+    assert steps >= (7 if kind == "map" else 6)  # 3 links, 3 renames and 3 fsyncs for a map
+    old, new = KINDS[kind](3), KINDS[kind](4)
+    for k in range(steps):
+        pm.build_map(old, "toy", progress=False)
+        calls = []
+
+        def fail_at_k(name):
+            calls.append(name)
+            if len(calls) == k + 1:
+                raise OSError(5, f"injected failure at {name} #{k}")
+        with inject(fail_at_k), pytest.raises(OSError, match="injected failure"):
+            pm.build_map(new, "toy", progress=False)
+        got = read_all("toy")
+        assert is_whole(got, old), f"a failure at step {k} ({calls[-1]}) did not leave the old map"
+        assert pm.verify_hash("toy", progress=False)
+        assert not [name for name in listing(in_tmp) if name.startswith(".toy")], (k, listing(in_tmp))
+
+
+KILL_AT_STEP = """
+    import os, signal, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    import picomap as pm
+    from test_commit import KINDS, inject
+    calls = []
+    def kill_at_k(name):
+        calls.append(name)
+        if len(calls) == {k} + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    with inject(kill_at_k):
+        pm.build_map(KINDS[{kind!r}](4), "toy", progress=False)
+"""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_sigkill_at_any_step_of_a_commit_leaves_the_old_map_or_the_new_one(in_tmp, kind):
+    steps = commit_calls(kind, in_tmp)
+    old, new = KINDS[kind](3), KINDS[kind](4)
+    outcomes = []
+    for k in range(steps):
+        pm.build_map(old, "toy", progress=False)
+        script = textwrap.dedent(KILL_AT_STEP.format(tests=str(Path(__file__).parent), k=k, kind=kind))
+        child = subprocess.run([sys.executable, "-c", script], cwd=in_tmp, env={**os.environ, "PYTHONPATH": PYTHONPATH})
+        assert child.returncode == -signal.SIGKILL
+        got = read_all("toy")  # the next open finishes the commit, forward or back
+        assert is_whole(got, old) or is_whole(got, new), f"a SIGKILL at step {k} left a mixed map"
+        outcomes.append("new" if is_whole(got, new) else "old")
+        assert pm.verify_hash("toy", progress=False)
+        pm.build_map(old, "toy", progress=False)  # and the next build removes what the dead one left
+        assert not [name for name in listing(in_tmp) if name.startswith(".toy")], (k, listing(in_tmp))
+    assert outcomes[0] == "old" and outcomes[-1] == "new"  # killed before its intent, and after its renames
+
+
+REBUILD_LOOP = """
+    import sys, time, picomap as pm
+    sys.path.insert(0, {tests!r})
+    from test_faults import version_items
+    failures, builds, deadline = 0, 0, time.monotonic() + {seconds}
+    v = {first}
+    while time.monotonic() < deadline:
+        try:
+            if v % 4 == 3:  # a merge into the path now and then, of shards of this process's own
+                half = len(version_items(v)) // 2
+                pm.build_map(version_items(v)[:half], "shard-{first}-a", progress=False)
+                pm.build_map(version_items(v)[half:], "shard-{first}-b", progress=False)
+                pm.merge_maps(["shard-{first}-a", "shard-{first}-b"], "toy", progress=False)
+            else:
+                pm.build_map(version_items(v), "toy", progress=False)
+            builds += 1
+        except Exception as e:
+            failures += 1
+            print(type(e).__name__, e, file=sys.stderr, flush=True)
+        v += 3
+    print(builds, failures, flush=True)
+"""
+
+
+def test_processes_building_and_reading_one_path_at_once_never_fail_nor_mix(in_tmp):
+    pm.build_map(version_items(0), "toy", progress=False)
+    script = REBUILD_LOOP.format(tests=str(Path(__file__).parent), seconds=4, first="{first}")
+    builders = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script.replace("{first}", str(first)))],
+                                 cwd=in_tmp, env={**os.environ, "PYTHONPATH": PYTHONPATH}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for first in (1, 2, 3)]
+    reads, versions = 0, set()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        got = read_all("toy")
+        v = int(got[0][0, 0]) // 1000
+        assert is_whole(got, version_items(v)), f"read a mix of versions around {v}"
+        reads, versions = reads + 1, versions | {v}
+    results = [child.communicate(timeout=60) for child in builders]
+    for out, err in results:
+        builds, failures = map(int, out.split())
+        assert failures == 0 and builds > 3, err
+    assert reads > 20 and len(versions) > 5
+    assert pm.verify_hash("toy", progress=False)
+    assert [name for name in listing(in_tmp) if name.startswith(("toy", ".toy"))] == [
+        "toy.dat", "toy.json", "toy.starts.npy"]
+
+
+def test_threads_appending_to_one_writer_store_every_item_once(in_tmp):
+    items = [np.full(k % 5 + 1, k, np.int64) for k in range(4000)]
+    with pm.MapWriter("toy", progress=False) as writer:
+        def append(part):
+            for item in part:
+                writer.append(item)
+        threads = [threading.Thread(target=append, args=(items[t::4],)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(writer) == len(items)
+    got = read_all("toy")
+    assert sorted(int(item[0]) for item in got) == list(range(4000))
+    assert all(np.array_equal(item, items[int(item[0])]) for item in got)
+    assert pm.verify_hash("toy", progress=False)
+
+
+@pytest.mark.parametrize("items, where", [([np.array(1)], "new/a/x"), ([{"bad name/": np.zeros(2)}], "new3/x"),
+                                          (iter([np.zeros(2), "text"]), "deep/er/x")])
+def test_a_failed_build_leaves_no_folder_it_made(in_tmp, items, where):
+    Path("kept").mkdir()  # a folder that was there before stays
+    with pytest.raises(ValueError):
+        pm.build_map(items, where, progress=False)
+    assert listing(in_tmp) == ["kept/"]
+
+
+def test_a_merge_refused_leaves_no_folder_it_made(in_tmp):
+    pm.build_map(tokens(3), "a", progress=False)
+    pm.build_map(["text"], "b", progress=False)
+    with pytest.raises(ValueError, match="shard 1"):
+        pm.merge_maps(["a", "b"], "out/merged", progress=False)
+    assert not Path("out").exists()
+
+
+def test_a_build_never_removes_a_folder_of_its_fields_folder_that_is_not_a_build(in_tmp):
+    pm.build_map(clips(3, 0), "ds", progress=False)
+    mine = Path("ds.fields") / ("0" * 12)  # named like a build, but holding the user's own file
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    pm.build_map(clips(3, 1), "ds", progress=False)
+    pm.build_map(tokens(3), "ds", progress=False)  # a plain map replacing the set
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["file", "grandparent"])
+def test_a_file_where_the_folder_should_be_is_a_clear_error(in_tmp, where):
+    Path("f").write_text("")
+    path = "f/x" if where == "file" else "f/sub/x"
+    with pytest.raises(ValueError, match="f: not a folder, where the map's folder f.* should be"):
+        pm.build_map(tokens(2), path, progress=False)
+    assert listing(in_tmp) == ["f"]
+
+
+def test_a_commit_left_unfinished_is_finished_by_the_next_reader(in_tmp):
+    """What a power cut between two renames leaves: the intent, one file renamed, two to go."""
+    pm.build_map(tokens(5, seed=1), "toy", progress=False)
+    new = tokens(7, seed=2)
+    pm.build_map(new, "next", progress=False)
+    tag = "0123456789ab"
+    for suffix in (".dat", ".starts.npy"):  # backups of the old map's files
+        os.link(f"toy{suffix}", f".toy{suffix}.{tag}.old")
+    os.link("toy.json", f".toy.json.{tag}.old")
+    os.replace("next.dat", "toy.dat")  # the first rename happened
+    os.replace("next.starts.npy", f".toy.starts.npy.{tag}.tmp")
+    os.replace("next.json", f".toy.json.{tag}.tmp")
+    Path(".toy.json.commit").write_text(json.dumps({"build": tag, "files": [0, 1, 2]}))
+    assert is_whole(read_all("toy"), new)
+    assert listing(in_tmp) == ["toy.dat", "toy.json", "toy.starts.npy"]
