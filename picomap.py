@@ -179,11 +179,6 @@ def _is_hex(text: Any, digits: int) -> bool:
     return isinstance(text, str) and len(text) == digits and all(c in "0123456789abcdef" for c in text)
 
 
-def _is_build(name: Any) -> bool:
-    """A set's build tag, which names its fields' folder: 12 lowercase hex digits."""
-    return _is_hex(name, 12)
-
-
 def _is_count(value: Any) -> bool:
     """A non-negative int that fits the int64/uint64 arithmetic numpy does with it."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
@@ -290,7 +285,7 @@ def _read_set_json(json_file: Path, raw: dict) -> _SetJson:
             _is_field_name(name) and _is_hex(h, 32) for name, h in fields.items())):
         raise ValueError(f"{json_file}: fields must map field names (letters, digits, _ . -) to 32-hex-digit "
                          "hashes")
-    if not _is_build(build):
+    if not _is_hex(build, 12):  # the build's tag, which names its fields' folder
         raise ValueError(f"{json_file}: build must be 12 hex digits, not {build!r}")
     return _SetJson(fields, build, raw["count"], digest, meta)
 
@@ -940,9 +935,9 @@ def _is_build_folder(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _new_file(path: Path):
+def _new_file(path: Path, mode: str = "xb"):
     """Yield a new file at path, open for writing; then fsync and close it."""
-    with open(path, "xb") as handle:
+    with open(path, mode) as handle:
         yield handle
         handle.flush()
         os.fsync(handle.fileno())
@@ -963,10 +958,8 @@ def _fsync_folder(folder: Path) -> None:
 
 def _write_json(path: Path, header: dict) -> None:
     """The one place a json is written: a map's, a field's or a set's, into its temporary or build folder."""
-    with open(path, "wb") as handle:
+    with _new_file(path, "wb") as handle:  # (a set's temporary json is its claim: it exists already)
         handle.write(json.dumps(header).encode())
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 # ---------------------------------------------------------------- writing
@@ -1796,7 +1789,8 @@ class _ArrayLoader(MapLoader):
         A slice has the whole map's loader check the chunks its own chunk's items lie in."""
         if self._root is not self:
             chunk = i >> CHECK_SHIFT
-            for item in (self._first + (chunk << CHECK_SHIFT), self._first + min((chunk + 1) << CHECK_SHIFT, self._count) - 1):
+            first, last = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, self._count) - 1
+            for item in (self._first + first, self._first + last):
                 if not self._root._checked[item >> CHECK_SHIFT]:
                     self._root._check_chunk(item)
             self._checked[chunk] = 1
