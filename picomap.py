@@ -33,6 +33,7 @@ import threading
 import time
 import weakref
 from array import array
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -799,29 +800,190 @@ def _as_array(index: int, item) -> np.ndarray:
         raise ValueError(f"item {index}: not an array ({e})") from None
 
 
-def _is_inexact(dtype: np.dtype) -> bool:
-    """Floating or complex, numpy's own or ml_dtypes' (bfloat16, float8_*, ...)."""
-    return dtype.kind in "fc" or dtype.kind == "V" and str(dtype).startswith(("bfloat", "float", "complex"))
+# ---- dtype=: the one conversion check. A value is stored only if it is the same value in the
+# target type: integers exactly, floats rounded to the nearest (never overflowing to infinity
+# nor clipped to the largest finite value), a complex number only with a zero imaginary part
+# where the target is real, datetimes and timedeltas exactly, NaN as NaN, NaT as NaT. Numbers
+# convert among themselves (bool as 0 and 1), times among the same kind of time, strings among
+# strings, records field by field when both have the same field names in order; nothing else.
+
+_TIME_UNITS = {"as": 1, "fs": 10**3, "ps": 10**6, "ns": 10**9, "us": 10**12, "ms": 10**15, "s": 10**18,
+               "m": 60 * 10**18, "h": 3600 * 10**18, "D": 86400 * 10**18, "W": 7 * 86400 * 10**18}
+_INT64_MIN = -2**63  # numpy's NaT
+
+
+def _number_kind(dtype: np.dtype) -> str | None:
+    """"bool", "int", "float" or "complex" for the numbers picomap converts (numpy's and ml_dtypes'
+    own, which numpy calls void), None for anything else."""
+    if dtype.kind in "biufc":
+        return {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}[dtype.kind]
+    if dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None:
+        name = str(dtype)
+        if re.fullmatch(r"u?int[124]", name):
+            return "int"
+        if name.startswith(("bfloat", "float")):
+            return "float"
+    return None
+
+
+def _number_info(dtype: np.dtype, integer: bool):
+    """np.iinfo or np.finfo, through ml_dtypes for its types (already imported when they exist)."""
+    with contextlib.suppress(ValueError, TypeError):
+        return np.iinfo(dtype) if integer else np.finfo(dtype)
+    ml_dtypes = sys.modules["ml_dtypes"]
+    return ml_dtypes.iinfo(dtype) if integer else ml_dtypes.finfo(dtype)
+
+
+def _wide(dtype: np.dtype) -> type:
+    """The float type every value of a real dtype converts to exactly: float64, or longdouble for longdouble."""
+    return np.longdouble if dtype.kind in "fc" and dtype.itemsize > (16 if dtype.kind == "c" else 8) else np.float64
+
+
+def _misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A boolean mask of arr's values that ``arr.astype(dtype)`` would change (see above).
+    ValueError for a pair of dtypes picomap does not convert at all."""
+    source, target = _number_kind(arr.dtype), _number_kind(dtype)
+    if source is not None and target is not None:
+        return _number_misfits(arr, source, dtype, target)
+    if arr.dtype.kind in "Mm" and dtype.kind == arr.dtype.kind:
+        return _time_misfits(arr, dtype)
+    if arr.dtype.kind in "SU" and dtype.kind in "SU":
+        back = arr.astype(dtype).astype(arr.dtype)  # UnicodeEncodeError (a ValueError) for non-ASCII to bytes
+        return back != arr
+    if arr.dtype.names is not None and dtype.names is not None and arr.dtype.names == dtype.names:
+        bad = np.zeros(arr.shape, bool)
+        for name in dtype.names:
+            field = _misfits(arr[name], dtype.fields[name][0].base)  # a field of shape (k,) adds axes
+            bad |= field.reshape(*arr.shape, -1).any(axis=-1)
+        return bad
+    raise ValueError("picomap converts numbers to numbers, datetimes and timedeltas to their own kind in "
+                     "another unit, strings to strings, and records to records of the same field names")
+
+
+def _number_misfits(arr: np.ndarray, source: str, dtype: np.dtype, target: str) -> np.ndarray:
+    if source == "complex":
+        real, imag = arr.real, arr.imag
+        if target == "complex":
+            part = np.empty(0, dtype).real.dtype
+            return _real_misfits(real, part) | _real_misfits(imag, part)
+        return (imag != 0) | _real_misfits(real, dtype)  # a NaN imaginary part is not zero either
+    if arr.dtype.kind == "V":  # ml_dtypes' small integers: int8/uint8 hold them exactly
+        arr = arr.astype(np.int8 if str(arr.dtype).startswith("int") else np.uint8) if source == "int" else arr
+    if target == "complex":
+        return _real_misfits(arr, np.empty(0, dtype).real.dtype)
+    return _real_misfits(arr, dtype)
+
+
+def _real_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """For a real (bool, integer or float) arr and a real dtype."""
+    if _number_kind(dtype) == "float":
+        return _float_misfits(arr, dtype)
+    if _number_kind(arr.dtype) == "float":  # to an integer: integral, and in range
+        x = arr.astype(_wide(arr.dtype))
+        low, high = (0, 2) if dtype.kind == "b" else (int(_number_info(dtype, True).min),
+                                                       int(_number_info(dtype, True).max) + 1)
+        # low and high are 0 or powers of two: exact as floats, so both comparisons are exact
+        return ~np.isfinite(x) | (x != np.floor(x)) | (x < low) | (x >= high)
+    out = arr.astype(dtype)  # integer (or bool) to integer: wraps, which going back and the sign both see
+    if out.dtype.kind == "V":
+        out = out.astype(np.int8 if str(dtype).startswith("int") else np.uint8)
+    return (out.astype(arr.dtype) != arr) | ((out < 0) != (arr < 0))
+
+
+def _float_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """For a real arr and a float dtype: rounding is what a float target is for; overflowing,
+    clipping to the largest finite value (ml_dtypes' types without infinity do), or losing a NaN
+    or an infinity is not."""
+    wide = _wide(dtype) if _wide(dtype) is np.longdouble else _wide(arr.dtype)
+    x, info = arr.astype(wide), _number_info(dtype, False)
+    out = arr.astype(dtype).astype(wide)
+    too_big = False
+    if math.isfinite(float(info.max)):  # (for a longdouble target nothing is too big)
+        # A value rounds to the largest finite one up to halfway to the step after it; the halfway
+        # point itself does only if the largest's last mantissa bit is even (ties round to even).
+        mantissa, exponent = math.frexp(float(info.max))
+        step = math.ldexp(1.0, exponent - 1 - int(info.nmant))  # the gap below the largest value
+        halfway = wide(float(info.max)) + wide(step) / 2  # exact in wide, or inf beyond float64's range
+        largest_is_even = int(mantissa * 2 ** (int(info.nmant) + 1)) % 2 == 0
+        magnitude = np.abs(x)
+        too_big = (magnitude > halfway) | ((magnitude == halfway) & (not largest_is_even))
+    finite = np.isfinite(x)
+    return (finite & (too_big | ~np.isfinite(out))) | (np.isnan(x) != np.isnan(out)) | (np.isinf(x) & (out != x))
+
+
+def _time_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """For datetimes (or timedeltas) to another unit: exactly, NaT as NaT. Years and months are
+    not a fixed number of days: a datetime converts between them and days through the calendar,
+    a timedelta does not."""
+    (unit, count), (to_unit, to_count) = np.datetime_data(arr.dtype), np.datetime_data(dtype)
+    ticks = arr.view(np.int64)
+    nat = ticks == _INT64_MIN
+    if "generic" in (unit, to_unit):
+        if to_unit == "generic":
+            raise ValueError("picomap does not convert to a datetime64 of no unit")
+        return ~nat  # a unitless array holds NaT only
+    calendar = {"Y": 12, "M": 1}
+    if (unit in calendar) != (to_unit in calendar):
+        if arr.dtype.kind == "m":
+            raise ValueError("a timedelta of years or months has no exact length in days or seconds")
+        if unit in calendar:  # months to days: through the calendar, exact; then days to the unit
+            in_range = np.abs(np.where(nat, 0, ticks)) <= 2**58 // (calendar[unit] * count)
+            days = np.where(in_range, arr, np.datetime64("NaT")).astype("M8[D]")
+            return (~nat & ~in_range) | _time_misfits(days, dtype)
+        out = arr.astype(dtype)  # to months: coarser, so it cannot overflow; exact if it goes back
+        return (out.astype(arr.dtype) != arr) & ~nat
+    if unit in calendar:
+        ratio = Fraction(calendar[unit] * count, calendar[to_unit] * to_count)
+    else:
+        ratio = Fraction(_TIME_UNITS[unit] * count, _TIME_UNITS[to_unit] * to_count)
+    p, q = ratio.numerator, ratio.denominator
+    # exact if a whole number of the new units, and in int64's range (whose lowest value is NaT)
+    if q > 2**62:  # (attoseconds to days, say) no int64 but 0 is a whole number of the new units
+        return ~nat & (ticks != 0)
+    return ~nat & ((ticks % q != 0) | (np.abs(np.where(nat, 0, ticks) // q) > (2**63 - 1) // p))
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """arr.astype(dtype), once _misfits found every value fits: a zero imaginary part dropped
+    without numpy's warning, and times between fixed units scaled here, since numpy refuses
+    pairs of units whose factor it cannot compute (days to picoseconds) even for NaT."""
+    if arr.dtype.kind == "c" and _number_kind(dtype) not in ("complex", None):
+        return arr.real.astype(dtype)
+    if arr.dtype.kind in "Mm" and {np.datetime_data(arr.dtype)[0], np.datetime_data(dtype)[0]} <= _TIME_UNITS.keys():
+        (unit, count), (to_unit, to_count) = np.datetime_data(arr.dtype), np.datetime_data(dtype)
+        ratio = Fraction(_TIME_UNITS[unit] * count, _TIME_UNITS[to_unit] * to_count)
+        ticks = arr.view(np.int64)
+        if max(ratio.numerator, ratio.denominator) > 2**62:  # every value is 0 or NaT: _time_misfits checked it
+            return ticks.copy().view(dtype)
+        scaled = ticks // ratio.denominator * ratio.numerator  # exact: _time_misfits checked it
+        return np.where(ticks == _INT64_MIN, ticks, scaled).view(dtype)
+    return arr.astype(dtype)
+
+
+def _shown(value) -> str:
+    """A value for an error message: 65536, nan, (1+2j), numpy.datetime64('2300-01-01')."""
+    if isinstance(value, (np.datetime64, np.timedelta64, np.void, np.str_, np.bytes_)):
+        return repr(value)
+    kind = _number_kind(np.asarray(value).dtype)
+    if kind in ("int", "float") and np.asarray(value).dtype.kind == "V":  # ml_dtypes' numbers
+        return repr(int(value) if kind == "int" else float(value))
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _converted(index: int, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """arr as dtype, if every value fits: exactly for integer and other targets, and for floating
-    ones without overflow (rounding is what a float target is for). ValueError naming the item else."""
+    """THE conversion check of dtype=: arr as dtype if every value is the same value there (the
+    rules above), else ValueError naming the item and the first value that is not."""
     if arr.dtype == dtype:
         return arr
     with np.errstate(all="ignore"):
         try:
-            out = arr.astype(dtype)
-        except (ValueError, TypeError) as e:
+            bad = _misfits(arr, dtype)
+            out = None if bad.any() else _cast(arr, dtype)
+        except (ValueError, TypeError, OverflowError) as e:
             raise ValueError(f"item {index}: {arr.dtype} values cannot become {dtype} ({e})") from None
-        if np.can_cast(arr.dtype, dtype, "safe"):
-            return out
-        back = out.astype(arr.dtype)
-        fits = (np.isfinite(back) | ~np.isfinite(arr)) if _is_inexact(dtype) and _is_inexact(arr.dtype) \
-            else back == arr
-    if not np.all(fits):
-        value = arr[~fits].flat[0].item()
-        raise ValueError(f"item {index}: the value {value!r} does not fit {dtype} (picomap never wraps or clips)")
+    if out is None:
+        raise ValueError(f"item {index}: the value {_shown(arr[bad].flat[0])} does not fit {dtype} "
+                         "(picomap never wraps, clips or drops part of a value)")
     return out
 
 
@@ -1942,9 +2104,13 @@ class Sampler:
     ``L = ceil(n / num_replicas)``; with it, ``L = n // num_replicas``. Rank r yields
     ``P[r*L + start:(r+1)*L]``, so ``len(sampler) == L - start``.
 
+    ``num_replicas`` and ``rank`` come from torch.distributed when neither is given and a process
+    group is up (else 1 and 0); giving only one of them without a process group raises ValueError.
+
     ``state_dict()`` says where this rank's current pass is; ``load_state_dict`` on a sampler made
     with the same arguments makes the next ``iter()`` yield exactly what that pass had not yet
-    yielded; the epoch after starts afresh. ``set_epoch(epoch, start)`` does the same from a count
+    yielded; the epoch after starts afresh. A state taken after a pass's last index does not pin
+    that pass: if ``set_epoch`` chose another epoch, that epoch is yielded whole. ``set_epoch(epoch, start)`` does the same from a count
     of indices you kept yourself. Cost: O(1) memory and time to the first index whatever n; P is
     computed SAMPLER_CHUNK indices at a time.
     """
@@ -1952,6 +2118,9 @@ class Sampler:
     def __init__(self, n_or_sized, *, shuffle: bool = True, seed: int = 0, num_replicas: int | None = None,
                  rank: int | None = None, drop_last: bool = False, block: int = 1):
         n = len(n_or_sized) if hasattr(n_or_sized, "__len__") else operator.index(n_or_sized)
+        if (num_replicas is None) != (rank is None) and _default_world() == (1, 0):
+            raise ValueError(f"Sampler: num_replicas={num_replicas} and rank={rank}: give both, or neither "
+                             "(then they come from torch.distributed, whose process group is not up)")
         world, own_rank = _default_world() if num_replicas is None or rank is None else (None, None)
         num_replicas = operator.index(world if num_replicas is None else num_replicas)
         rank = operator.index(own_rank if rank is None else rank)
@@ -1963,13 +2132,14 @@ class Sampler:
         self.num_replicas, self.rank, self.drop_last = num_replicas, rank, bool(drop_last)
         self.share = n // num_replicas if drop_last else -(-n // num_replicas)  # L
         self.set_epoch(0)
+        self._epoch_chosen = False  # until set_epoch is called: then a finished pass's state pins nothing
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Make the next passes those of ``epoch``, skipping this rank's first ``start`` indices, in O(1)."""
         epoch, start = operator.index(epoch), operator.index(start)
         if not 0 <= start <= self.share:
             raise ValueError(f"Sampler: start {start} is outside 0..{self.share}, this rank's share of an epoch")
-        self.epoch, self.start, self.position = epoch, start, start
+        self.epoch, self.start, self.position, self._epoch_chosen = epoch, start, start, True
 
     def __len__(self) -> int:
         return self.share - self.start
@@ -2027,12 +2197,19 @@ class Sampler:
                 "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state_dict()``: ValueError naming the first field that differs from this sampler's."""
+        """Resume from ``state_dict()``: ValueError naming the first field that differs from this sampler's.
+
+        A state whose pass was complete (taken after an epoch's last index) pins nothing if
+        ``set_epoch`` chose another epoch: that epoch is then yielded from its start (as when a
+        training loop resumes from a checkpoint taken at the end of an epoch). Otherwise it leaves
+        the pass empty, as a state taken midway leaves the rest of its pass."""
         mine = self.state_dict()
         for key in ("n", "seed", "block", "num_replicas", "rank", "drop_last", "shuffle"):
             if state.get(key) != mine[key]:
                 raise ValueError(f"Sampler: the state was saved with {key}={state.get(key)!r}, "
                                  f"but this sampler has {key}={mine[key]!r}")
+        if state["yielded"] >= self.share and self._epoch_chosen and state["epoch"] != self.epoch:
+            return
         self.set_epoch(state["epoch"], start=state["yielded"])
 
 
