@@ -118,7 +118,10 @@ def map_files(path: str | os.PathLike) -> MapFiles:
     One trailing ``.dat``, ``.starts.npy`` or ``.json`` is stripped, nothing else:
     ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc.
     """
-    base = os.fspath(path)
+    try:
+        base = os.fspath(path)
+    except TypeError:
+        base = None
     if not isinstance(base, str):
         raise TypeError(f"picomap: path must be a str or os.PathLike of str, not {type(path).__name__}")
     for suffix in _SUFFIXES:
@@ -145,12 +148,37 @@ def _import_ml_dtypes(what: str, error: type[Exception]):
 
 
 def _dtype_to_json(dtype: np.dtype) -> str | list:
-    return np.lib.format.dtype_to_descr(dtype) if dtype.fields is not None else str(dtype)
+    return _ml_fields_named(np.lib.format.dtype_to_descr(dtype), dtype) if dtype.fields is not None else str(dtype)
+
+
+def _ml_fields_named(descr: list, dtype: np.dtype) -> list:
+    """A structured dtype's .npy descr with each ml_dtypes field named by its type's name
+    ("bfloat16"), where the descr says only "<V2": so that the json gives the dtype back."""
+    named = []
+    for entry in descr:
+        name = entry[0] if isinstance(entry[0], str) else entry[0][1]  # (title, name) for a titled field
+        field = dtype.fields[name][0].base if name in (dtype.fields or {}) else None
+        if field is not None and field.fields is not None:
+            entry = (entry[0], _ml_fields_named(entry[1], field), *entry[2:])
+        elif field is not None and _ML_DTYPE_NAME.fullmatch(str(field)):
+            entry = (entry[0], str(field), *entry[2:])
+        named.append(entry)
+    return named
+
+
+def _ml_names_in(value: Any) -> list:
+    """The ml_dtypes type names a json dtype uses: itself, or its fields' types."""
+    if isinstance(value, str):
+        return [value] if _ML_DTYPE_NAME.fullmatch(value) else []
+    if isinstance(value, list):
+        return [name for entry in value if isinstance(entry, list) and len(entry) > 1
+                for name in _ml_names_in(entry[1])]
+    return []
 
 
 def _dtype_from_json(value: Any, where: Path | str) -> np.dtype:
-    if isinstance(value, str) and _ML_DTYPE_NAME.fullmatch(value):
-        _import_ml_dtypes(f"{where}: dtype {value}", ValueError)
+    for name in _ml_names_in(value)[:1]:
+        _import_ml_dtypes(f"{where}: dtype {name}", ValueError)
     try:
         dtype = np.lib.format.descr_to_dtype(value)
     except Exception as e:  # numpy raises a zoo of types on hostile input; all mean the same here
@@ -169,8 +197,9 @@ def _check_layout(dtype: np.dtype, where: str) -> None:
     except ValueError:  # titled, overlapping or out-of-order fields have no .npy descr to write
         same = False
     if not same:
-        raise ValueError(f"{where}: dtype {dtype} cannot be recorded in a map's json (titled, overlapping or "
-                         "out-of-order fields); use plain fields in order")
+        raise ValueError(f"{where}: dtype {dtype} cannot be recorded in a map's json: its .npy description "
+                         f"{_dtype_to_json(dtype)} gives another dtype back (titled, overlapping or out-of-order "
+                         "fields do); use plain fields in order")
 
 
 def _is_hex(text: Any, digits: int) -> bool:
@@ -1070,7 +1099,7 @@ class _ItemWriter:
 
     def _text_bytes(self, index, item) -> np.ndarray:
         """A text item's bytes as uint8; item 0 decides whether the map holds text, and which."""
-        kind = next((kind for kind in _TEXT_KINDS.values() if type(item) is kind.type), None)
+        kind = next((kind for kind in _TEXT_KINDS.values() if isinstance(item, kind.type)), None)
         if self.dtype is None and self.text is None and kind is not None:
             if self.target is not None:
                 raise ValueError(f"item {index}: text, but dtype={self.target} was asked; text is stored as "
@@ -1220,9 +1249,29 @@ def _checked_dtype(dtype, where: str) -> np.dtype | dict | None:
         return None
     if isinstance(dtype, dict):
         return {name: _checked_dtype(value, f"{where} for field {name!r}") for name, value in dtype.items()}
-    dtype = np.dtype(dtype)
+    torch = sys.modules.get("torch")  # a torch dtype only if torch is imported already
+    if torch is not None and isinstance(dtype, torch.dtype):
+        dtype = _numpy_dtype_of_torch(dtype, where)
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{where}: {dtype!r} is not a dtype numpy knows ({e})") from None
     _check_layout(dtype, where)
     return dtype
+
+
+def _numpy_dtype_of_torch(dtype, where: str) -> np.dtype:
+    """The numpy dtype of a torch dtype: numpy's own, or ml_dtypes' (bfloat16, float8_*)."""
+    torch = sys.modules["torch"]
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:  # a dtype numpy has only through ml_dtypes
+        pass
+    name = str(dtype).removeprefix("torch.")
+    ml_dtypes = _import_ml_dtypes(f"{where}: {dtype}", TypeError)
+    if not hasattr(ml_dtypes, name):
+        raise TypeError(f"{where}: {dtype} has no numpy dtype picomap can store")
+    return np.dtype(getattr(ml_dtypes, name))
 
 
 class MapWriter:
@@ -1360,6 +1409,9 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
     is untouched; on success the new files replace it at once. Memory: one batch (``BATCH_BYTES``,
     ``BATCH_ITEMS``) a field, whatever the count.
     """
+    if isinstance(items, dict):
+        raise TypeError(f"build_map: items is a dict (of keys {list(items)[:5]}); pass an iterable of items, "
+                        "e.g. a list of dicts [{'tokens': ..., 'label': ...}, ...] for samples with fields")
     with MapWriter(path, progress=progress, meta=meta, dtype=dtype) as writer:
         for item in items:
             writer.append(item)
@@ -1439,7 +1491,7 @@ def _plan_merge(paths: Iterable, target: MapFiles, meta: dict | None) -> tuple[l
         elif meta is None and opened.header.meta != first_meta:
             shown = [json.dumps(m)[:80] for m in (opened.header.meta, first_meta)]
             raise ValueError(f"merge_maps: shard {k} ({where}) has meta {shown[0]}, but shard 0 "
-                             f"has {shown[1]}; pass meta= to say what the merged map's is")
+                             f"has {shown[1]}; pass meta= (picomap merge --meta JSON) to say what the merged map's is")
         shards.append((opened.files.json, _identities(opened)))
         total += sum(part.data.nbytes for part in parts.values())
     return shards, first_set and first_set[1], first_meta if meta is None else meta, total
@@ -1909,16 +1961,42 @@ class _TextLoader(_ArrayLoader):
             raw = _ArrayLoader.__call__(self, i)
             if not isinstance(raw, np.ndarray):  # load[a:b]: a text loader too
                 return raw
+        return self._decoded(i, raw)
+
+    __getitem__ = __call__
+
+    def _decoded(self, i: int, raw) -> str | bytes:
         try:
             return self._decode(raw)
         except UnicodeDecodeError as e:
-            raise ValueError(f"{self._files.dat}: item {i} is not UTF-8 ({e}); verify_hash tells more") from None
-
-    __getitem__ = __call__
+            i = operator.index(i)
+            item = self._first + i + (self._count if i < 0 else 0)  # the map's index, whatever the slice
+            raise ValueError(f"{self._files.dat}: item {item} is not UTF-8 ({e}); verify_hash tells more") from None
 
     def close(self) -> None:
         super().close()
         self._bytes = None
+
+
+class _ColdTextLoader(_TextLoader, _ColdLoader):
+    """A text loader read cold (access="cold", or "auto" for a map larger than memory): each item's
+    pages, and nothing around them, are asked for before its bytes are decoded."""
+    __slots__ = ()
+
+    def __call__(self, i, copy: bool = False) -> str | bytes | MapLoader:
+        raw = _ArrayLoader.__call__(self, i)
+        if not isinstance(raw, np.ndarray):  # load[a:b]: a cold text loader too
+            return raw
+        if raw.nbytes:
+            self._fetch([self._bytes_of(i)])
+        return self._decoded(i, raw)
+
+    __getitem__ = __call__
+
+    def __getitems__(self, indices) -> list:
+        raws = [_ArrayLoader.__call__(self, i) for i in indices]
+        self._fetch(sorted(self._bytes_of(i) for i, raw in zip(indices, raws) if raw.nbytes))
+        return [self._decoded(i, raw) for i, raw in zip(indices, raws)]
 
 
 class _SetLoader(MapLoader):
@@ -1949,6 +2027,7 @@ class _SetLoader(MapLoader):
     __getitem__ = __call__
 
     def __getitems__(self, indices) -> list:
+        indices = list(indices)  # each field reads them: an iterator would be used up by the first
         columns = [field.__getitems__(indices) for field in self._fields.values()]
         return [dict(zip(self._fields, row)) for row in zip(*columns)]
 
@@ -1985,8 +2064,9 @@ def _loader(opened: _Map | _Set, access: str) -> MapLoader:
         cold = _cold(sum(field.data.nbytes for field in opened.fields.values()), access)
         return object.__new__(_SetLoader)._serve(opened.files, opened.header, {
             name: _loader(field, "cold" if cold else "cached") for name, field in opened.fields.items()})
-    cold = _cold(opened.data.nbytes, access)  # (text is always read cached: small items, copied anyway)
-    kind = _TextLoader if opened.header.text else _ColdLoader if cold else _ArrayLoader
+    cold = _cold(opened.data.nbytes, access)
+    kind = ((_ColdTextLoader if cold else _TextLoader) if opened.header.text else
+            _ColdLoader if cold else _ArrayLoader)
     return object.__new__(kind)._serve(opened.files, opened.header, opened.data, opened.starts, first=0)
 
 
@@ -2274,6 +2354,13 @@ def _info(path: str, full_meta: bool) -> None:
             print(f"{label:>{width}}: {value}")
 
 
+def _meta_argument(text: str | None) -> dict | None:
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--meta must be a JSON object, such as '{{\"source\": \"v3\"}}' ({e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``picomap`` command: ``demo [DIR]``, ``info PATH``, ``verify PATH``, ``merge OUT IN...``.
     Returns the exit code."""
@@ -2290,6 +2377,8 @@ def main(argv: list[str] | None = None) -> int:
     merge = commands.add_parser("merge", help="concatenate maps, in order, into a new one")
     merge.add_argument("out")
     merge.add_argument("inputs", nargs="+", metavar="in")
+    merge.add_argument("--meta", metavar="JSON",
+                       help="the merged map's meta, a JSON object (default: the inputs', which must agree)")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -2297,7 +2386,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             _info(args.path, args.full_meta)
         elif args.command == "merge":
-            header = merge_maps(args.inputs, args.out, progress=False)
+            header = merge_maps(args.inputs, args.out, progress=False, meta=_meta_argument(args.meta))
             print(f"merged {len(args.inputs)} maps into {args.out}: {header['count']:,} items, hash {header['hash']}")
         else:
             verify_hash(args.path, progress=False)
