@@ -116,7 +116,10 @@ def map_files(path: str | os.PathLike) -> MapFiles:
     """The three files of the map at ``path``: its base (``"ds/train"``) or any of its files.
 
     One trailing ``.dat``, ``.starts.npy`` or ``.json`` is stripped, nothing else:
-    ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc.
+    ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc. For a set, only the json of these
+    exists: its fields live in the folder ``NAME.fields`` beside it, so copying or deleting a set
+    takes that folder too (``shutil.copytree``, ``shutil.rmtree``). Raises TypeError for a path
+    that is not a str or os.PathLike of str, ValueError for one that names a folder. Cost: no I/O.
     """
     try:
         base = os.fspath(path)
@@ -2333,7 +2336,10 @@ def _length_stats(starts: np.ndarray, where: Path) -> str:
         lengths = np.diff(offsets)
         low = int(lengths.min()) if low is None else min(low, int(lengths.min()))
         high, total = max(high, int(lengths.max())), total + int(offsets[-1] - offsets[0])
-    return "-" if low is None else f"{low} / {total / (len(starts) - 1):.4g} / {high}"
+    if low is None:
+        return "-"
+    mean = f"{total / (len(starts) - 1):.3f}".rstrip("0").rstrip(".")  # as min and max are: no exponent
+    return f"{low} / {mean} / {high}"
 
 
 def _info(path: str, full_meta: bool) -> None:
