@@ -1399,17 +1399,20 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
     ragged and may be 0. Items are stored in C order and never cast, each as it was when the
     iterable yielded it (a source may refill one buffer for every item). An empty list is a
     0-length item of the map's dtype; no items at all make an empty map (of ``dtype``, if that is
-    one dtype), which ``merge_maps`` takes beside sets too. ``dtype`` (anything ``np.dtype`` takes;
-    for dicts, a dict of field names to those) converts every item to it: a value that does not fit
-    (out of an integer's range, a fraction for an integer, an overflow to infinity) raises
-    ValueError naming the item, never wraps. ``meta`` is a JSON-serialisable dict of your own,
-    stored under ``"meta"``. The folder is created if missing. ``MapWriter`` does the same for
-    items pushed one at a time.
+    one dtype), which ``merge_maps`` takes beside sets too. ``dtype`` (anything ``np.dtype`` takes,
+    or a torch dtype; for dicts, a dict of field names to those) converts every item to it,
+    storing a value only if it is the same value there (integers exactly, floats rounded but
+    neither overflowing nor clipped, complex numbers for a real dtype only with a zero imaginary
+    part, datetimes exactly, NaN and NaT as themselves; see _converted): else ValueError naming
+    the item and the value, never a wrapped or clipped one. ``meta`` is a JSON-serialisable dict
+    of your own, stored under ``"meta"``. The folder is created if missing. ``MapWriter`` does the
+    same for items pushed one at a time.
 
     Raises ValueError (naming the item, and the field) for a 0-d item, one whose dtype or trailing
     shape differs, a missing or extra field, or a dtype a json cannot record; TypeError for object
-    dtypes. On any failure, Ctrl-C included, no file is left behind and a map already at ``path``
-    is untouched; on success the new files replace it at once. Memory: one batch (``BATCH_BYTES``,
+    dtypes, a ``dtype`` numpy does not know, and a dict as ``items`` (give one dict a sample).
+    On any failure, Ctrl-C included, no file is left behind and a map already at ``path`` is
+    untouched; on success the new files replace it at once. Memory: one batch (``BATCH_BYTES``,
     ``BATCH_ITEMS``) a field, whatever the count.
     """
     if isinstance(items, dict):
@@ -2193,8 +2196,8 @@ class Sampler:
     ``state_dict()`` says where this rank's current pass is; ``load_state_dict`` on a sampler made
     with the same arguments makes the next ``iter()`` yield exactly what that pass had not yet
     yielded; the epoch after starts afresh. A state taken after a pass's last index does not pin
-    that pass: if ``set_epoch`` chose another epoch, that epoch is yielded whole. ``set_epoch(epoch, start)`` does the same from a count
-    of indices you kept yourself. Cost: O(1) memory and time to the first index whatever n; P is
+    that pass: if ``set_epoch`` chose another epoch, that epoch is yielded whole.
+    ``set_epoch(epoch, start)`` does the same from a count of indices you kept yourself. Cost: O(1) memory and time to the first index whatever n; P is
     computed SAMPLER_CHUNK indices at a time.
     """
 
