@@ -2197,8 +2197,8 @@ class Sampler:
     with the same arguments makes the next ``iter()`` yield exactly what that pass had not yet
     yielded; the epoch after starts afresh. A state taken after a pass's last index does not pin
     that pass: if ``set_epoch`` chose another epoch, that epoch is yielded whole.
-    ``set_epoch(epoch, start)`` does the same from a count of indices you kept yourself. Cost: O(1) memory and time to the first index whatever n; P is
-    computed SAMPLER_CHUNK indices at a time.
+    ``set_epoch(epoch, start)`` does the same from a count of indices you kept yourself. Cost:
+    O(1) memory and time to the first index whatever n; P is computed SAMPLER_CHUNK indices at a time.
     """
 
     def __init__(self, n_or_sized, *, shuffle: bool = True, seed: int = 0, num_replicas: int | None = None,
