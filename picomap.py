@@ -195,14 +195,14 @@ def _check_layout(dtype: np.dtype, where: str) -> None:
     """Refuse a dtype a map cannot hold: Python objects, or one its json would not give back."""
     if dtype.hasobject:
         raise TypeError(f"{where}: dtype {dtype} holds Python objects; picomap stores plain bytes only")
-    try:
-        same = _dtype_from_json(json.loads(json.dumps(_dtype_to_json(dtype))), where) == dtype
-    except ValueError:  # titled, overlapping or out-of-order fields have no .npy descr to write
-        same = False
-    if not same:
-        raise ValueError(f"{where}: dtype {dtype} cannot be recorded in a map's json: its .npy description "
-                         f"{_dtype_to_json(dtype)} gives another dtype back (titled, overlapping or out-of-order "
-                         "fields do); use plain fields in order")
+    recorded = None
+    with contextlib.suppress(ValueError, TypeError):  # titled, overlapping or out-of-order fields: no descr
+        recorded = json.loads(json.dumps(_dtype_to_json(dtype)))
+        if _dtype_from_json(recorded, where) == dtype:
+            return
+    raise ValueError(f"{where}: dtype {dtype} cannot be recorded in a map's json (its .npy description "
+                     f"{recorded} gives another dtype back, as titled, overlapping or out-of-order fields do); "
+                     "use plain fields in order")
 
 
 def _is_hex(text: Any, digits: int) -> bool:
@@ -899,8 +899,8 @@ def _number_misfits(arr: np.ndarray, source: str, dtype: np.dtype, target: str) 
             part = np.empty(0, dtype).real.dtype
             return _real_misfits(real, part) | _real_misfits(imag, part)
         return (imag != 0) | _real_misfits(real, dtype)  # a NaN imaginary part is not zero either
-    if arr.dtype.kind == "V":  # ml_dtypes' small integers: int8/uint8 hold them exactly
-        arr = arr.astype(np.int8 if str(arr.dtype).startswith("int") else np.uint8) if source == "int" else arr
+    if source == "int" and arr.dtype.kind == "V":  # ml_dtypes' small integers: int8/uint8 hold them exactly
+        arr = arr.astype(np.int8 if str(arr.dtype).startswith("int") else np.uint8)
     if target == "complex":
         return _real_misfits(arr, np.empty(0, dtype).real.dtype)
     return _real_misfits(arr, dtype)
@@ -948,7 +948,7 @@ def _time_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     not a fixed number of days: a datetime converts between them and days through the calendar,
     a timedelta does not."""
     (unit, count), (to_unit, to_count) = np.datetime_data(arr.dtype), np.datetime_data(dtype)
-    ticks = arr.view(np.int64)
+    ticks = _ticks(arr)
     nat = ticks == _INT64_MIN
     if "generic" in (unit, to_unit):
         if to_unit == "generic":
@@ -975,20 +975,26 @@ def _time_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return ~nat & ((ticks % q != 0) | (np.abs(np.where(nat, 0, ticks) // q) > (2**63 - 1) // p))
 
 
+def _ticks(arr: np.ndarray) -> np.ndarray:
+    """A datetime or timedelta array's values as native int64s (whatever its byte order)."""
+    return arr.astype(arr.dtype.newbyteorder("=")).view(np.int64)
+
+
 def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """arr.astype(dtype), once _misfits found every value fits: a zero imaginary part dropped
     without numpy's warning, and times between fixed units scaled here, since numpy refuses
     pairs of units whose factor it cannot compute (days to picoseconds) even for NaT."""
     if arr.dtype.kind == "c" and _number_kind(dtype) not in ("complex", None):
         return arr.real.astype(dtype)
-    if arr.dtype.kind in "Mm" and {np.datetime_data(arr.dtype)[0], np.datetime_data(dtype)[0]} <= _TIME_UNITS.keys():
+    units = {np.datetime_data(arr.dtype)[0], np.datetime_data(dtype)[0]} if arr.dtype.kind in "Mm" else {""}
+    if units <= _TIME_UNITS.keys():
         (unit, count), (to_unit, to_count) = np.datetime_data(arr.dtype), np.datetime_data(dtype)
         ratio = Fraction(_TIME_UNITS[unit] * count, _TIME_UNITS[to_unit] * to_count)
-        ticks = arr.view(np.int64)
+        ticks, native = _ticks(arr), dtype.newbyteorder("=")
         if max(ratio.numerator, ratio.denominator) > 2**62:  # every value is 0 or NaT: _time_misfits checked it
-            return ticks.copy().view(dtype)
+            return ticks.copy().view(native).astype(dtype)
         scaled = ticks // ratio.denominator * ratio.numerator  # exact: _time_misfits checked it
-        return np.where(ticks == _INT64_MIN, ticks, scaled).view(dtype)
+        return np.where(ticks == _INT64_MIN, ticks, scaled).view(native).astype(dtype)
     return arr.astype(dtype)
 
 

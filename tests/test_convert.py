@@ -249,6 +249,11 @@ def test_dtype_converts_what_keeps_its_value(in_tmp):
     assert load(0).astype("M8[D]").tolist() == items[0].tolist() and np.isnat(load(0)[0])
     assert pm.build_map([np.array([1 + 0j, -2.5 - 0j])], "re", progress=False, dtype=np.float32)["count"] == 1
     assert pm.get_loader_fn("re")[0](0).tolist() == [1.0, -2.5]
+    big_endian = np.array(["2000-01-02", "NaT"], ">M8[D]")
+    pm.build_map([big_endian], "be", progress=False, dtype=">M8[s]")
+    assert pm.get_loader_fn("be")[0](0).astype("M8[D]").tolist() == big_endian.tolist()
+    with pytest.raises(ValueError, match="item 0: the value .*2300-01-01"):
+        pm.build_map([np.array(["2300-01-01"], ">M8[D]")], "be2", progress=False, dtype="<M8[ns]")
     pm.build_map([np.array([2**63 - 1], np.uint64), np.array([True])], "i64", progress=False, dtype=np.int64)
     assert pm.get_loader_fn("i64")[0](0).tolist() == [2**63 - 1]
 
