@@ -915,7 +915,7 @@ def _real_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         low, high = (0, 2) if dtype.kind == "b" else (int(_number_info(dtype, True).min),
                                                        int(_number_info(dtype, True).max) + 1)
         # low and high are 0 or powers of two: exact as floats, so both comparisons are exact
-        return ~np.isfinite(x) | (x != np.floor(x)) | (x < low) | (x >= high)
+        return ~np.isfinite(x) | (x != np.floor(x)) | (x < x.dtype.type(low)) | (x >= x.dtype.type(high))
     out = arr.astype(dtype)  # integer (or bool) to integer: wraps, which going back and the sign both see
     if out.dtype.kind == "V":
         out = out.astype(np.int8 if str(dtype).startswith("int") else np.uint8)
@@ -2377,7 +2377,7 @@ def _meta_argument(text: str | None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``picomap`` command: ``demo [DIR]``, ``info PATH``, ``verify PATH``, ``merge OUT IN...``.
+    """The ``picomap`` command: ``demo [DIR]``, ``info PATH``, ``verify PATH``, ``merge [--meta JSON] OUT IN...``.
     Returns the exit code."""
     import argparse
     parser = argparse.ArgumentParser(prog="picomap", description="Ragged numpy datasets on disk.")
