@@ -33,6 +33,7 @@ import threading
 import time
 import weakref
 from array import array
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -118,9 +119,15 @@ def map_files(path: str | os.PathLike) -> MapFiles:
     """The three files of the map at ``path``: its base (``"ds/train"``) or any of its files.
 
     One trailing ``.dat``, ``.starts.npy`` or ``.json`` is stripped, nothing else:
-    ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc.
+    ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc. For a set, only the json of these
+    exists: its fields live in the folder ``NAME.fields`` beside it, so copying or deleting a set
+    takes that folder too (``shutil.copytree``, ``shutil.rmtree``). Raises TypeError for a path
+    that is not a str or os.PathLike of str, ValueError for one that names a folder. Cost: no I/O.
     """
-    base = os.fspath(path)
+    try:
+        base = os.fspath(path)
+    except TypeError:
+        base = None
     if not isinstance(base, str):
         raise TypeError(f"picomap: path must be a str or os.PathLike of str, not {type(path).__name__}")
     for suffix in _SUFFIXES:
@@ -147,12 +154,37 @@ def _import_ml_dtypes(what: str, error: type[Exception]):
 
 
 def _dtype_to_json(dtype: np.dtype) -> str | list:
-    return np.lib.format.dtype_to_descr(dtype) if dtype.fields is not None else str(dtype)
+    return _ml_fields_named(np.lib.format.dtype_to_descr(dtype), dtype) if dtype.fields is not None else str(dtype)
+
+
+def _ml_fields_named(descr: list, dtype: np.dtype) -> list:
+    """A structured dtype's .npy descr with each ml_dtypes field named by its type's name
+    ("bfloat16"), where the descr says only "<V2": so that the json gives the dtype back."""
+    named = []
+    for entry in descr:
+        name = entry[0] if isinstance(entry[0], str) else entry[0][1]  # (title, name) for a titled field
+        field = dtype.fields[name][0].base if name in (dtype.fields or {}) else None
+        if field is not None and field.fields is not None:
+            entry = (entry[0], _ml_fields_named(entry[1], field), *entry[2:])
+        elif field is not None and _ML_DTYPE_NAME.fullmatch(str(field)):
+            entry = (entry[0], str(field), *entry[2:])
+        named.append(entry)
+    return named
+
+
+def _ml_names_in(value: Any) -> list:
+    """The ml_dtypes type names a json dtype uses: itself, or its fields' types."""
+    if isinstance(value, str):
+        return [value] if _ML_DTYPE_NAME.fullmatch(value) else []
+    if isinstance(value, list):
+        return [name for entry in value if isinstance(entry, list) and len(entry) > 1
+                for name in _ml_names_in(entry[1])]
+    return []
 
 
 def _dtype_from_json(value: Any, where: Path | str) -> np.dtype:
-    if isinstance(value, str) and _ML_DTYPE_NAME.fullmatch(value):
-        _import_ml_dtypes(f"{where}: dtype {value}", ValueError)
+    for name in _ml_names_in(value)[:1]:
+        _import_ml_dtypes(f"{where}: dtype {name}", ValueError)
     try:
         dtype = np.lib.format.descr_to_dtype(value)
     except Exception as e:  # numpy raises a zoo of types on hostile input; all mean the same here
@@ -166,13 +198,14 @@ def _check_layout(dtype: np.dtype, where: str) -> None:
     """Refuse a dtype a map cannot hold: Python objects, or one its json would not give back."""
     if dtype.hasobject:
         raise TypeError(f"{where}: dtype {dtype} holds Python objects; picomap stores plain bytes only")
-    try:
-        same = _dtype_from_json(json.loads(json.dumps(_dtype_to_json(dtype))), where) == dtype
-    except ValueError:  # titled, overlapping or out-of-order fields have no .npy descr to write
-        same = False
-    if not same:
-        raise ValueError(f"{where}: dtype {dtype} cannot be recorded in a map's json (titled, overlapping or "
-                         "out-of-order fields); use plain fields in order")
+    recorded = None
+    with contextlib.suppress(ValueError, TypeError):  # titled, overlapping or out-of-order fields: no descr
+        recorded = json.loads(json.dumps(_dtype_to_json(dtype)))
+        if _dtype_from_json(recorded, where) == dtype:
+            return
+    raise ValueError(f"{where}: dtype {dtype} cannot be recorded in a map's json (its .npy description "
+                     f"{recorded} gives another dtype back, as titled, overlapping or out-of-order fields do); "
+                     "use plain fields in order")
 
 
 def _is_hex(text: Any, digits: int) -> bool:
@@ -992,29 +1025,196 @@ def _as_array(index: int, item) -> np.ndarray:
         raise ValueError(f"item {index}: not an array ({e})") from None
 
 
-def _is_inexact(dtype: np.dtype) -> bool:
-    """Floating or complex, numpy's own or ml_dtypes' (bfloat16, float8_*, ...)."""
-    return dtype.kind in "fc" or dtype.kind == "V" and str(dtype).startswith(("bfloat", "float", "complex"))
+# ---- dtype=: the one conversion check. A value is stored only if it is the same value in the
+# target type: integers exactly, floats rounded to the nearest (never overflowing to infinity
+# nor clipped to the largest finite value), a complex number only with a zero imaginary part
+# where the target is real, datetimes and timedeltas exactly, NaN as NaN, NaT as NaT. Numbers
+# convert among themselves (bool as 0 and 1), times among the same kind of time, strings among
+# strings, records field by field when both have the same field names in order; nothing else.
+
+_TIME_UNITS = {"as": 1, "fs": 10**3, "ps": 10**6, "ns": 10**9, "us": 10**12, "ms": 10**15, "s": 10**18,
+               "m": 60 * 10**18, "h": 3600 * 10**18, "D": 86400 * 10**18, "W": 7 * 86400 * 10**18}
+_INT64_MIN = -2**63  # numpy's NaT
+
+
+def _number_kind(dtype: np.dtype) -> str | None:
+    """"bool", "int", "float" or "complex" for the numbers picomap converts (numpy's and ml_dtypes'
+    own, which numpy calls void), None for anything else."""
+    if dtype.kind in "biufc":
+        return {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}[dtype.kind]
+    if dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None:
+        name = str(dtype)
+        if re.fullmatch(r"u?int[124]", name):
+            return "int"
+        if name.startswith(("bfloat", "float")):
+            return "float"
+    return None
+
+
+def _number_info(dtype: np.dtype, integer: bool):
+    """np.iinfo or np.finfo, through ml_dtypes for its types (already imported when they exist)."""
+    with contextlib.suppress(ValueError, TypeError):
+        return np.iinfo(dtype) if integer else np.finfo(dtype)
+    ml_dtypes = sys.modules["ml_dtypes"]
+    return ml_dtypes.iinfo(dtype) if integer else ml_dtypes.finfo(dtype)
+
+
+def _wide(dtype: np.dtype) -> type:
+    """The float type every value of a real dtype converts to exactly: float64, or longdouble for longdouble."""
+    return np.longdouble if dtype.kind in "fc" and dtype.itemsize > (16 if dtype.kind == "c" else 8) else np.float64
+
+
+def _misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A boolean mask of arr's values that ``arr.astype(dtype)`` would change (see above).
+    ValueError for a pair of dtypes picomap does not convert at all."""
+    source, target = _number_kind(arr.dtype), _number_kind(dtype)
+    if source is not None and target is not None:
+        return _number_misfits(arr, source, dtype, target)
+    if arr.dtype.kind in "Mm" and dtype.kind == arr.dtype.kind:
+        return _time_misfits(arr, dtype)
+    if arr.dtype.kind in "SU" and dtype.kind in "SU":
+        back = arr.astype(dtype).astype(arr.dtype)  # UnicodeEncodeError (a ValueError) for non-ASCII to bytes
+        return back != arr
+    if arr.dtype.names is not None and dtype.names is not None and arr.dtype.names == dtype.names:
+        bad = np.zeros(arr.shape, bool)
+        for name in dtype.names:
+            field = _misfits(arr[name], dtype.fields[name][0].base)  # a field of shape (k,) adds axes
+            bad |= field.reshape(*arr.shape, -1).any(axis=-1)
+        return bad
+    raise ValueError("picomap converts numbers to numbers, datetimes and timedeltas to their own kind in "
+                     "another unit, strings to strings, and records to records of the same field names")
+
+
+def _number_misfits(arr: np.ndarray, source: str, dtype: np.dtype, target: str) -> np.ndarray:
+    if source == "complex":
+        real, imag = arr.real, arr.imag
+        if target == "complex":
+            part = np.empty(0, dtype).real.dtype
+            return _real_misfits(real, part) | _real_misfits(imag, part)
+        return (imag != 0) | _real_misfits(real, dtype)  # a NaN imaginary part is not zero either
+    if source == "int" and arr.dtype.kind == "V":  # ml_dtypes' small integers: int8/uint8 hold them exactly
+        arr = arr.astype(np.int8 if str(arr.dtype).startswith("int") else np.uint8)
+    if target == "complex":
+        return _real_misfits(arr, np.empty(0, dtype).real.dtype)
+    return _real_misfits(arr, dtype)
+
+
+def _real_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """For a real (bool, integer or float) arr and a real dtype."""
+    if _number_kind(dtype) == "float":
+        return _float_misfits(arr, dtype)
+    if _number_kind(arr.dtype) == "float":  # to an integer: integral, and in range
+        x = arr.astype(_wide(arr.dtype))
+        low, high = (0, 2) if dtype.kind == "b" else (int(_number_info(dtype, True).min),
+                                                       int(_number_info(dtype, True).max) + 1)
+        # low and high are 0 or powers of two: exact as floats, so both comparisons are exact
+        return ~np.isfinite(x) | (x != np.floor(x)) | (x < x.dtype.type(low)) | (x >= x.dtype.type(high))
+    out = arr.astype(dtype)  # integer (or bool) to integer: wraps, which going back and the sign both see
+    if out.dtype.kind == "V":
+        out = out.astype(np.int8 if str(dtype).startswith("int") else np.uint8)
+    return (out.astype(arr.dtype) != arr) | ((out < 0) != (arr < 0))
+
+
+def _float_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """For a real arr and a float dtype: rounding is what a float target is for; overflowing,
+    clipping to the largest finite value (ml_dtypes' types without infinity do), or losing a NaN
+    or an infinity is not."""
+    wide = _wide(dtype) if _wide(dtype) is np.longdouble else _wide(arr.dtype)
+    x, info = arr.astype(wide), _number_info(dtype, False)
+    out = arr.astype(dtype).astype(wide)
+    too_big = False
+    if math.isfinite(float(info.max)):  # (for a longdouble target nothing is too big)
+        # A value rounds to the largest finite one up to halfway to the step after it; the halfway
+        # point itself does only if the largest's last mantissa bit is even (ties round to even).
+        mantissa, exponent = math.frexp(float(info.max))
+        step = math.ldexp(1.0, exponent - 1 - int(info.nmant))  # the gap below the largest value
+        halfway = wide(float(info.max)) + wide(step) / 2  # exact in wide, or inf beyond float64's range
+        largest_is_even = int(mantissa * 2 ** (int(info.nmant) + 1)) % 2 == 0
+        magnitude = np.abs(x)
+        too_big = (magnitude > halfway) | ((magnitude == halfway) & (not largest_is_even))
+    finite = np.isfinite(x)
+    return (finite & (too_big | ~np.isfinite(out))) | (np.isnan(x) != np.isnan(out)) | (np.isinf(x) & (out != x))
+
+
+def _time_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """For datetimes (or timedeltas) to another unit: exactly, NaT as NaT. Years and months are
+    not a fixed number of days: a datetime converts between them and days through the calendar,
+    a timedelta does not."""
+    (unit, count), (to_unit, to_count) = np.datetime_data(arr.dtype), np.datetime_data(dtype)
+    ticks = _ticks(arr)
+    nat = ticks == _INT64_MIN
+    if "generic" in (unit, to_unit):
+        if to_unit == "generic":
+            raise ValueError("picomap does not convert to a datetime64 of no unit")
+        return ~nat  # a unitless array holds NaT only
+    calendar = {"Y": 12, "M": 1}
+    if (unit in calendar) != (to_unit in calendar):
+        if arr.dtype.kind == "m":
+            raise ValueError("a timedelta of years or months has no exact length in days or seconds")
+        if unit in calendar:  # months to days: through the calendar, exact; then days to the unit
+            in_range = np.abs(np.where(nat, 0, ticks)) <= 2**58 // (calendar[unit] * count)
+            days = np.where(in_range, arr, np.datetime64("NaT")).astype("M8[D]")
+            return (~nat & ~in_range) | _time_misfits(days, dtype)
+        out = arr.astype(dtype)  # to months: coarser, so it cannot overflow; exact if it goes back
+        return (out.astype(arr.dtype) != arr) & ~nat
+    if unit in calendar:
+        ratio = Fraction(calendar[unit] * count, calendar[to_unit] * to_count)
+    else:
+        ratio = Fraction(_TIME_UNITS[unit] * count, _TIME_UNITS[to_unit] * to_count)
+    p, q = ratio.numerator, ratio.denominator
+    # exact if a whole number of the new units, and in int64's range (whose lowest value is NaT)
+    if q > 2**62:  # (attoseconds to days, say) no int64 but 0 is a whole number of the new units
+        return ~nat & (ticks != 0)
+    return ~nat & ((ticks % q != 0) | (np.abs(np.where(nat, 0, ticks) // q) > (2**63 - 1) // p))
+
+
+def _ticks(arr: np.ndarray) -> np.ndarray:
+    """A datetime or timedelta array's values as native int64s (whatever its byte order)."""
+    return arr.astype(arr.dtype.newbyteorder("=")).view(np.int64)
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """arr.astype(dtype), once _misfits found every value fits: a zero imaginary part dropped
+    without numpy's warning, and times between fixed units scaled here, since numpy refuses
+    pairs of units whose factor it cannot compute (days to picoseconds) even for NaT."""
+    if arr.dtype.kind == "c" and _number_kind(dtype) not in ("complex", None):
+        return arr.real.astype(dtype)
+    units = {np.datetime_data(arr.dtype)[0], np.datetime_data(dtype)[0]} if arr.dtype.kind in "Mm" else {""}
+    if units <= _TIME_UNITS.keys():
+        (unit, count), (to_unit, to_count) = np.datetime_data(arr.dtype), np.datetime_data(dtype)
+        ratio = Fraction(_TIME_UNITS[unit] * count, _TIME_UNITS[to_unit] * to_count)
+        ticks, native = _ticks(arr), dtype.newbyteorder("=")
+        if max(ratio.numerator, ratio.denominator) > 2**62:  # every value is 0 or NaT: _time_misfits checked it
+            return ticks.copy().view(native).astype(dtype)
+        scaled = ticks // ratio.denominator * ratio.numerator  # exact: _time_misfits checked it
+        return np.where(ticks == _INT64_MIN, ticks, scaled).view(native).astype(dtype)
+    return arr.astype(dtype)
+
+
+def _shown(value) -> str:
+    """A value for an error message: 65536, nan, (1+2j), numpy.datetime64('2300-01-01')."""
+    if isinstance(value, (np.datetime64, np.timedelta64, np.void, np.str_, np.bytes_)):
+        return repr(value)
+    kind = _number_kind(np.asarray(value).dtype)
+    if kind in ("int", "float") and np.asarray(value).dtype.kind == "V":  # ml_dtypes' numbers
+        return repr(int(value) if kind == "int" else float(value))
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _converted(index: int, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """arr as dtype, if every value fits: exactly for integer and other targets, and for floating
-    ones without overflow (rounding is what a float target is for). ValueError naming the item else."""
+    """THE conversion check of dtype=: arr as dtype if every value is the same value there (the
+    rules above), else ValueError naming the item and the first value that is not."""
     if arr.dtype == dtype:
         return arr
     with np.errstate(all="ignore"):
         try:
-            out = arr.astype(dtype)
-        except (ValueError, TypeError) as e:
+            bad = _misfits(arr, dtype)
+            out = None if bad.any() else _cast(arr, dtype)
+        except (ValueError, TypeError, OverflowError) as e:
             raise ValueError(f"item {index}: {arr.dtype} values cannot become {dtype} ({e})") from None
-        if np.can_cast(arr.dtype, dtype, "safe"):
-            return out
-        back = out.astype(arr.dtype)
-        fits = (np.isfinite(back) | ~np.isfinite(arr)) if _is_inexact(dtype) and _is_inexact(arr.dtype) \
-            else back == arr
-    if not np.all(fits):
-        value = arr[~fits].flat[0].item()
-        raise ValueError(f"item {index}: the value {value!r} does not fit {dtype} (picomap never wraps or clips)")
+    if out is None:
+        raise ValueError(f"item {index}: the value {_shown(arr[bad].flat[0])} does not fit {dtype} "
+                         "(picomap never wraps, clips or drops part of a value)")
     return out
 
 
@@ -1101,7 +1301,7 @@ class _ItemWriter:
 
     def _text_bytes(self, index, item) -> np.ndarray:
         """A text item's bytes as uint8; item 0 decides whether the map holds text, and which."""
-        kind = next((kind for kind in _TEXT_KINDS.values() if type(item) is kind.type), None)
+        kind = next((kind for kind in _TEXT_KINDS.values() if isinstance(item, kind.type)), None)
         if self.dtype is None and self.text is None and kind is not None:
             if self.target is not None:
                 raise ValueError(f"item {index}: text, but dtype={self.target} was asked; text is stored as "
@@ -1251,9 +1451,29 @@ def _checked_dtype(dtype, where: str) -> np.dtype | dict | None:
         return None
     if isinstance(dtype, dict):
         return {name: _checked_dtype(value, f"{where} for field {name!r}") for name, value in dtype.items()}
-    dtype = np.dtype(dtype)
+    torch = sys.modules.get("torch")  # a torch dtype only if torch is imported already
+    if torch is not None and isinstance(dtype, torch.dtype):
+        dtype = _numpy_dtype_of_torch(dtype, where)
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{where}: {dtype!r} is not a dtype numpy knows ({e})") from None
     _check_layout(dtype, where)
     return dtype
+
+
+def _numpy_dtype_of_torch(dtype, where: str) -> np.dtype:
+    """The numpy dtype of a torch dtype: numpy's own, or ml_dtypes' (bfloat16, float8_*)."""
+    torch = sys.modules["torch"]
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:  # a dtype numpy has only through ml_dtypes
+        pass
+    name = str(dtype).removeprefix("torch.")
+    ml_dtypes = _import_ml_dtypes(f"{where}: {dtype}", TypeError)
+    if not hasattr(ml_dtypes, name):
+        raise TypeError(f"{where}: {dtype} has no numpy dtype picomap can store")
+    return np.dtype(getattr(ml_dtypes, name))
 
 
 class MapWriter:
@@ -1387,19 +1607,25 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
     ragged and may be 0. Items are stored in C order and never cast, each as it was when the
     iterable yielded it (a source may refill one buffer for every item). An empty list is a
     0-length item of the map's dtype; no items at all make an empty map (of ``dtype``, if that is
-    one dtype), which ``merge_maps`` takes beside sets too. ``dtype`` (anything ``np.dtype`` takes;
-    for dicts, a dict of field names to those) converts every item to it: a value that does not fit
-    (out of an integer's range, a fraction for an integer, an overflow to infinity) raises
-    ValueError naming the item, never wraps. ``meta`` is a JSON-serialisable dict of your own,
-    stored under ``"meta"``. The folder is created if missing. ``MapWriter`` does the same for
-    items pushed one at a time.
+    one dtype), which ``merge_maps`` takes beside sets too. ``dtype`` (anything ``np.dtype`` takes,
+    or a torch dtype; for dicts, a dict of field names to those) converts every item to it,
+    storing a value only if it is the same value there (integers exactly, floats rounded but
+    neither overflowing nor clipped, complex numbers for a real dtype only with a zero imaginary
+    part, datetimes exactly, NaN and NaT as themselves; see _converted): else ValueError naming
+    the item and the value, never a wrapped or clipped one. ``meta`` is a JSON-serialisable dict
+    of your own, stored under ``"meta"``. The folder is created if missing. ``MapWriter`` does the
+    same for items pushed one at a time.
 
     Raises ValueError (naming the item, and the field) for a 0-d item, one whose dtype or trailing
     shape differs, a missing or extra field, or a dtype a json cannot record; TypeError for object
-    dtypes. On any failure, Ctrl-C included, no file is left behind and a map already at ``path``
-    is untouched; on success the new files replace it at once. Memory: one batch (``BATCH_BYTES``,
+    dtypes, a ``dtype`` numpy does not know, and a dict as ``items`` (give one dict a sample).
+    On any failure, Ctrl-C included, no file is left behind and a map already at ``path`` is
+    untouched; on success the new files replace it at once. Memory: one batch (``BATCH_BYTES``,
     ``BATCH_ITEMS``) a field, whatever the count.
     """
+    if isinstance(items, dict):
+        raise TypeError(f"build_map: items is a dict (of keys {list(items)[:5]}); pass an iterable of items, "
+                        "e.g. a list of dicts [{'tokens': ..., 'label': ...}, ...] for samples with fields")
     with MapWriter(path, progress=progress, meta=meta, dtype=dtype) as writer:
         for item in items:
             writer.append(item)
@@ -1479,7 +1705,7 @@ def _plan_merge(paths: Iterable, target: MapFiles, meta: dict | None) -> tuple[l
         elif meta is None and opened.header.meta != first_meta:
             shown = [json.dumps(m)[:80] for m in (opened.header.meta, first_meta)]
             raise ValueError(f"merge_maps: shard {k} ({where}) has meta {shown[0]}, but shard 0 "
-                             f"has {shown[1]}; pass meta= to say what the merged map's is")
+                             f"has {shown[1]}; pass meta= (picomap merge --meta JSON) to say what the merged map's is")
         shards.append((opened.files.json, _identities(opened)))
         total += sum(part.data.nbytes for part in parts.values())
     return shards, first_set and first_set[1], first_meta if meta is None else meta, total
@@ -1958,16 +2184,42 @@ class _TextLoader(_ArrayLoader):
             raw = _ArrayLoader.__call__(self, i)
             if not isinstance(raw, np.ndarray):  # load[a:b]: a text loader too
                 return raw
+        return self._decoded(i, raw)
+
+    __getitem__ = __call__
+
+    def _decoded(self, i: int, raw) -> str | bytes:
         try:
             return self._decode(raw)
         except UnicodeDecodeError as e:
-            raise ValueError(f"{self._files.dat}: item {i} is not UTF-8 ({e}); verify_hash tells more") from None
-
-    __getitem__ = __call__
+            i = operator.index(i)
+            item = self._first + i + (self._count if i < 0 else 0)  # the map's index, whatever the slice
+            raise ValueError(f"{self._files.dat}: item {item} is not UTF-8 ({e}); verify_hash tells more") from None
 
     def close(self) -> None:
         super().close()
         self._bytes = None
+
+
+class _ColdTextLoader(_TextLoader, _ColdLoader):
+    """A text loader read cold (access="cold", or "auto" for a map larger than memory): each item's
+    pages, and nothing around them, are asked for before its bytes are decoded."""
+    __slots__ = ()
+
+    def __call__(self, i, copy: bool = False) -> str | bytes | MapLoader:
+        raw = _ArrayLoader.__call__(self, i)
+        if not isinstance(raw, np.ndarray):  # load[a:b]: a cold text loader too
+            return raw
+        if raw.nbytes:
+            self._fetch([self._bytes_of(i)])
+        return self._decoded(i, raw)
+
+    __getitem__ = __call__
+
+    def __getitems__(self, indices) -> list:
+        raws = [_ArrayLoader.__call__(self, i) for i in indices]
+        self._fetch(sorted(self._bytes_of(i) for i, raw in zip(indices, raws) if raw.nbytes))
+        return [self._decoded(i, raw) for i, raw in zip(indices, raws)]
 
 
 class _SetLoader(MapLoader):
@@ -1998,6 +2250,7 @@ class _SetLoader(MapLoader):
     __getitem__ = __call__
 
     def __getitems__(self, indices) -> list:
+        indices = list(indices)  # each field reads them: an iterator would be used up by the first
         columns = [field.__getitems__(indices) for field in self._fields.values()]
         return [dict(zip(self._fields, row)) for row in zip(*columns)]
 
@@ -2034,8 +2287,9 @@ def _loader(opened: _Map | _Set, access: str) -> MapLoader:
         cold = _cold(sum(field.data.nbytes for field in opened.fields.values()), access)
         return object.__new__(_SetLoader)._serve(opened.files, opened.header, {
             name: _loader(field, "cold" if cold else "cached") for name, field in opened.fields.items()})
-    cold = _cold(opened.data.nbytes, access)  # (text is always read cached: small items, copied anyway)
-    kind = _TextLoader if opened.header.text else _ColdLoader if cold else _ArrayLoader
+    cold = _cold(opened.data.nbytes, access)
+    kind = ((_ColdTextLoader if cold else _TextLoader) if opened.header.text else
+            _ColdLoader if cold else _ArrayLoader)
     header = opened.header._replace(block_digests=None)  # verify_hash's alone: not kept by every loader
     return object.__new__(kind)._serve(opened.files, header, opened.data, opened.starts, 0)
 
@@ -2154,16 +2408,23 @@ class Sampler:
     ``L = ceil(n / num_replicas)``; with it, ``L = n // num_replicas``. Rank r yields
     ``P[r*L + start:(r+1)*L]``, so ``len(sampler) == L - start``.
 
+    ``num_replicas`` and ``rank`` come from torch.distributed when neither is given and a process
+    group is up (else 1 and 0); giving only one of them without a process group raises ValueError.
+
     ``state_dict()`` says where this rank's current pass is; ``load_state_dict`` on a sampler made
     with the same arguments makes the next ``iter()`` yield exactly what that pass had not yet
-    yielded; the epoch after starts afresh. ``set_epoch(epoch, start)`` does the same from a count
-    of indices you kept yourself. Cost: O(1) memory and time to the first index whatever n; P is
-    computed SAMPLER_CHUNK indices at a time.
+    yielded; the epoch after starts afresh. A state taken after a pass's last index does not pin
+    that pass: if ``set_epoch`` chose another epoch, that epoch is yielded whole.
+    ``set_epoch(epoch, start)`` does the same from a count of indices you kept yourself. Cost:
+    O(1) memory and time to the first index whatever n; P is computed SAMPLER_CHUNK indices at a time.
     """
 
     def __init__(self, n_or_sized, *, shuffle: bool = True, seed: int = 0, num_replicas: int | None = None,
                  rank: int | None = None, drop_last: bool = False, block: int = 1):
         n = len(n_or_sized) if hasattr(n_or_sized, "__len__") else operator.index(n_or_sized)
+        if (num_replicas is None) != (rank is None) and _default_world() == (1, 0):
+            raise ValueError(f"Sampler: num_replicas={num_replicas} and rank={rank}: give both, or neither "
+                             "(then they come from torch.distributed, whose process group is not up)")
         world, own_rank = _default_world() if num_replicas is None or rank is None else (None, None)
         num_replicas = operator.index(world if num_replicas is None else num_replicas)
         rank = operator.index(own_rank if rank is None else rank)
@@ -2175,13 +2436,14 @@ class Sampler:
         self.num_replicas, self.rank, self.drop_last = num_replicas, rank, bool(drop_last)
         self.share = n // num_replicas if drop_last else -(-n // num_replicas)  # L
         self.set_epoch(0)
+        self._epoch_chosen = False  # until set_epoch is called: then a finished pass's state pins nothing
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Make the next passes those of ``epoch``, skipping this rank's first ``start`` indices, in O(1)."""
         epoch, start = operator.index(epoch), operator.index(start)
         if not 0 <= start <= self.share:
             raise ValueError(f"Sampler: start {start} is outside 0..{self.share}, this rank's share of an epoch")
-        self.epoch, self.start, self.position = epoch, start, start
+        self.epoch, self.start, self.position, self._epoch_chosen = epoch, start, start, True
 
     def __len__(self) -> int:
         return self.share - self.start
@@ -2239,12 +2501,19 @@ class Sampler:
                 "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state_dict()``: ValueError naming the first field that differs from this sampler's."""
+        """Resume from ``state_dict()``: ValueError naming the first field that differs from this sampler's.
+
+        A state whose pass was complete (taken after an epoch's last index) pins nothing if
+        ``set_epoch`` chose another epoch: that epoch is then yielded from its start (as when a
+        training loop resumes from a checkpoint taken at the end of an epoch). Otherwise it leaves
+        the pass empty, as a state taken midway leaves the rest of its pass."""
         mine = self.state_dict()
         for key in ("n", "seed", "block", "num_replicas", "rank", "drop_last", "shuffle"):
             if state.get(key) != mine[key]:
                 raise ValueError(f"Sampler: the state was saved with {key}={state.get(key)!r}, "
                                  f"but this sampler has {key}={mine[key]!r}")
+        if state["yielded"] >= self.share and self._epoch_chosen and state["epoch"] != self.epoch:
+            return
         self.set_epoch(state["epoch"], start=state["yielded"])
 
 
@@ -2288,7 +2557,10 @@ def _length_stats(starts: np.ndarray, where: Path) -> str:
         lengths = np.diff(offsets)
         low = int(lengths.min()) if low is None else min(low, int(lengths.min()))
         high, total = max(high, int(lengths.max())), total + int(offsets[-1] - offsets[0])
-    return "-" if low is None else f"{low} / {total / (len(starts) - 1):.4g} / {high}"
+    if low is None:
+        return "-"
+    mean = f"{total / (len(starts) - 1):.3f}".rstrip("0").rstrip(".")  # as min and max are: no exponent
+    return f"{low} / {mean} / {high}"
 
 
 def _info(path: str, full_meta: bool) -> None:
@@ -2309,8 +2581,15 @@ def _info(path: str, full_meta: bool) -> None:
             print(f"{label:>{width}}: {value}")
 
 
+def _meta_argument(text: str | None) -> dict | None:
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--meta must be a JSON object, such as '{{\"source\": \"v3\"}}' ({e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The ``picomap`` command: ``demo [DIR]``, ``info PATH``, ``verify PATH``, ``merge OUT IN...``.
+    """The ``picomap`` command: ``demo [DIR]``, ``info PATH``, ``verify PATH``, ``merge [--meta JSON] OUT IN...``.
     Returns the exit code."""
     import argparse
     parser = argparse.ArgumentParser(prog="picomap", description="Ragged numpy datasets on disk.")
@@ -2325,6 +2604,8 @@ def main(argv: list[str] | None = None) -> int:
     merge = commands.add_parser("merge", help="concatenate maps, in order, into a new one")
     merge.add_argument("out")
     merge.add_argument("inputs", nargs="+", metavar="in")
+    merge.add_argument("--meta", metavar="JSON",
+                       help="the merged map's meta, a JSON object (default: the inputs', which must agree)")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -2332,7 +2613,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             _info(args.path, args.full_meta)
         elif args.command == "merge":
-            header = merge_maps(args.inputs, args.out, progress=False)
+            header = merge_maps(args.inputs, args.out, progress=False, meta=_meta_argument(args.meta))
             print(f"merged {len(args.inputs)} maps into {args.out}: {header['count']:,} items, hash {header['hash']}")
         else:
             verify_hash(args.path, progress=False)

@@ -453,3 +453,47 @@ def test_a_bfloat16_tensor_without_ml_dtypes_names_the_item_and_the_fix(in_tmp):
     assert result.returncode != 0
     assert "TypeError: item 1: torch.bfloat16 needs the ml_dtypes package: pip install ml_dtypes" in result.stderr
     assert listing(in_tmp) == []
+
+
+def test_a_dtype_numpy_does_not_know_is_refused_naming_the_map_and_field(in_tmp):
+    with pytest.raises(TypeError, match=r"toy\.json: dtype=: 'int9' is not a dtype numpy knows"):
+        pm.build_map([[1]], "toy", progress=False, dtype="int9")
+    with pytest.raises(TypeError, match=r"ds\.json: dtype= for field 'a': 'int9' is not a dtype numpy knows"):
+        pm.build_map([{"a": [1]}], "ds", progress=False, dtype={"a": "int9"})
+    assert listing(in_tmp) == []
+
+
+def test_a_torch_dtype_is_taken_as_its_numpy_dtype(in_tmp):
+    torch = pytest.importorskip("torch")
+    pm.build_map([[1.5, 2]], "f32", progress=False, dtype=torch.float32)
+    assert pm.MapLoader("f32").dtype == np.float32
+    pm.build_map([{"a": [3]}], "ds", progress=False, dtype={"a": torch.int16})
+    assert pm.MapLoader("ds").dtype == {"a": np.int16}
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    pm.build_map([[1.5]], "bf16", progress=False, dtype=torch.bfloat16)
+    assert pm.MapLoader("bf16").dtype == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("call", ["get_loader_fn", "MapLoader", "build_map", "verify_hash", "map_files"])
+def test_a_path_that_is_not_a_path_is_a_type_error(in_tmp, call):
+    run = {"get_loader_fn": lambda: pm.get_loader_fn(None), "MapLoader": lambda: pm.MapLoader(None),
+           "build_map": lambda: pm.build_map([[1]], None, progress=False),
+           "verify_hash": lambda: pm.verify_hash(3), "map_files": lambda: pm.map_files(b"toy")}[call]
+    with pytest.raises(TypeError, match="picomap: path must be a str or os.PathLike of str, not"):
+        run()
+
+
+def test_a_structured_dtype_with_ml_dtypes_fields_round_trips(in_tmp):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype([("w", ml_dtypes.bfloat16, (2,)), ("n", "<i4"), ("inner", [("f8", ml_dtypes.float8_e5m2)])])
+    items = [np.zeros(3, dtype), np.ones(1, dtype)]
+    pm.build_map(items, "toy", progress=False)
+    recorded = read_json("toy")["dtype"]  # each ml_dtypes field by its type's name, not numpy's "<V2"
+    assert recorded[0] == ["w", "bfloat16", [2]] and recorded[2] == ["inner", [["f8", "float8_e5m2"]]]
+    load, _ = pm.get_loader_fn("toy")
+    assert load.dtype == dtype
+    assert_same_items([load(0), load(1)], items)
+    assert pm.verify_hash("toy", progress=False)
+    titled = np.dtype({"names": ["a"], "formats": ["<i4"], "titles": ["A"]})
+    with pytest.raises(ValueError, match="gives another dtype back"):
+        pm.build_map([np.zeros(1, titled)], "t", progress=False)

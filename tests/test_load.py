@@ -550,3 +550,22 @@ def test_from_python_3_13_a_mapping_keeps_no_file_descriptor(toy, monkeypatch, v
     load, _ = pm.get_loader_fn("toy")
     assert len(calls) == 2 and all(("trackfd" not in c) == keeps_fd for c in calls)
     assert all(c.get("trackfd", True) is keeps_fd for c in calls)
+
+
+class KeepsTheLoader:
+    """The README's pattern: a dataset keeps the loader and takes load.data where it reads."""
+
+    def __init__(self, load):
+        self.load = load
+
+    def __getitem__(self, k):
+        return self.load.data[k]
+
+
+def test_a_dataset_keeping_the_loader_pickles_as_a_path_and_one_keeping_data_as_its_bytes(in_tmp):
+    import pickle
+    pm.build_map([np.arange(n, dtype=np.int32) for n in range(1000)], "toy", progress=False)
+    load, _ = pm.get_loader_fn("toy")
+    good = pickle.dumps(KeepsTheLoader(load))
+    assert len(good) < 1000 and pickle.loads(good)[-1] == load.data[-1]
+    assert len(pickle.dumps(load.data)) > load.data.nbytes  # what the README says not to keep

@@ -271,3 +271,16 @@ def test_damaged_shard_offsets_stop_the_merge(in_tmp):
     with pytest.raises(ValueError, match="shard1.starts.npy: offsets decrease at item 4"):
         pm.merge_maps(names, "merged", progress=False)
     assert not [name for name in listing(in_tmp) if name.startswith(("merged", ".merged"))]
+
+
+def test_merge_command_takes_meta(in_tmp):
+    pm.build_map(tokens(3, seed=1), "a", progress=False, meta={"v": 1})
+    pm.build_map(tokens(3, seed=2), "b", progress=False, meta={"v": 2})
+    refused = run("merge", "m", "a", "b", cwd=in_tmp)
+    assert refused.returncode == 1 and "pass meta= (picomap merge --meta JSON)" in refused.stderr
+    done = run("merge", "--meta", '{"v": 3}', "m", "a", "b", cwd=in_tmp)
+    assert done.returncode == 0, done.stderr
+    assert pm.MapLoader("m").meta == {"v": 3}
+    for meta, words in [("{oops", "--meta must be a JSON object"), ("[1]", "meta must be a dict")]:
+        bad = run("merge", "--meta", meta, "n", "a", "b", cwd=in_tmp)
+        assert bad.returncode == 1 and words in bad.stderr and "Traceback" not in bad.stderr

@@ -228,3 +228,53 @@ def test_stateful_dataloader_resumes_mid_epoch_exactly(in_tmp, workers):
     resumed.load_state_dict(state)
     tail = [batch for batch in resumed]
     assert head == whole[:11] and tail == whole[11:]
+
+
+def test_half_a_world_without_a_process_group_is_refused():
+    for kwargs in ({"num_replicas": 4}, {"rank": 2}, {"rank": 0}):
+        with pytest.raises(ValueError, match="give both, or neither"):
+            pm.Sampler(10, **kwargs)
+    assert (pm.Sampler(10).num_replicas, pm.Sampler(10).rank) == (1, 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("where", ["first step", "mid-epoch", "last step", "after the epoch"])
+def test_stateful_dataloader_resumes_at_any_step_as_the_uninterrupted_run(in_tmp, workers, where):
+    """Checkpoint during epoch 0 (or after its loop ended), restore into new objects, then go on as
+    a training loop does: the rest of epoch 0 (if the checkpoint was in it), then epoch 1. Also
+    set_epoch(1) at once, skipping the (empty) rest: epoch 1 whole."""
+    pytest.importorskip("torch")
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    pm.build_map([[k] for k in range(40)], "toy", progress=False)
+    load, _ = pm.get_loader_fn("toy")
+
+    def make():
+        sampler = pm.Sampler(load, seed=3)
+        return sampler, stateful.StatefulDataLoader(load, sampler=sampler, batch_size=4, num_workers=workers,
+                                                    collate_fn=first_values)
+    stop = {"first step": 0, "mid-epoch": 4, "last step": 9, "after the epoch": None}[where]
+    sampler, loader = make()
+    epochs, state = [], None
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append([])
+        for step, batch in enumerate(loader):
+            epochs[-1].append(batch)
+            if epoch == 0 and step == stop:
+                state = loader.state_dict()
+        if epoch == 0 and stop is None:
+            state = loader.state_dict()
+    rest = [] if stop is None else epochs[0][stop + 1:]
+
+    if stop is not None:  # the loop resumes in epoch 0
+        sampler, loader = make()
+        loader.load_state_dict(state)
+        sampler.set_epoch(0)
+        assert [batch for batch in loader] == rest
+        sampler.set_epoch(1)
+        assert [batch for batch in loader] == epochs[1]
+    if not rest:  # nothing left of epoch 0: straight to epoch 1
+        sampler, loader = make()
+        loader.load_state_dict(state)
+        sampler.set_epoch(1)
+        assert [batch for batch in loader] == epochs[1]
