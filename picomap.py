@@ -87,7 +87,7 @@ except ImportError:  # Windows: no flock; commits are still atomic per file
 
 __version__ = "1.2.0"
 __all__ = ["build_map", "MapWriter", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array",
-           "MapLoader", "Sampler", "map_files", "main"]
+           "MapLoader", "Sampler", "Windows", "map_files", "main"]
 
 FORMAT_VERSION = 1
 # A json bigger than this is refused before parsing: a damaged or hostile file must not exhaust memory.
@@ -2107,6 +2107,182 @@ class Sampler:
                 raise ValueError(f"Sampler: the state was saved with {key}={state.get(key)!r}, "
                                  f"but this sampler has {key}={mine[key]!r}")
         self.set_epoch(state["epoch"], start=state["yielded"])
+
+
+# ---------------------------------------------------------------- windows
+
+class Windows:
+    """Fixed-length language-model windows packed across a map's items, with the items' boundaries.
+
+    ``w = Windows(load, seq_len)``: window ``k`` is rows ``k*seq_len .. k*seq_len + seq_len`` of
+    ``load.data`` (``seq_len + 1`` rows, so inputs ``w[k][:-1]`` and labels ``w[k][1:]``), read
+    across item boundaries. Consecutive windows share one row: every row but the first is a label
+    exactly once. ``len(w) == (rows - 1) // seq_len`` (0 for fewer than two rows); the rows past
+    the last whole window are never served. ``load`` may be a slice (``load[900:]``): its windows
+    hold its own items' rows only. Window k is Megatron-LM's GPT sample k for one epoch with the
+    documents in stored order and ``add_extra_token_to_sequence``.
+
+        w = pm.Windows(load, 1024)
+        x = w[7]                  # read-only view, shape (1025, *trail_dim)
+        cu = w.cu_seqlens(7)      # int32 [0, 311, 900, 1024]: items start at rows 311 and 900
+
+    ``w[k]`` (same as ``w(k)``) is a zero-copy read-only view; negative k counts from the end, out
+    of range raises IndexError, a float or str TypeError. ``w.__getitems__(ks)`` is a list of
+    windows: the hook through which a DataLoader fetches a batch. It pickles as its loader and
+    ``seq_len`` (a few hundred bytes), so DataLoader workers reopen the map themselves, and it
+    works with ``Sampler(w, ...)`` (``block=B`` shuffles runs of B consecutive windows: consecutive
+    rows, for a map larger than memory).
+
+    A set of fields or a text map is refused (ValueError); a structured dtype (tokens and a loss
+    mask, say) is windowed row for row. The windows keep their own view of the rows: closing the
+    loader does not stop them. Cost: construction reads nothing (O(1) time and memory whatever the
+    item count); ``w[k]`` is one slice; ``cu_seqlens(k)`` two binary searches in the mapped
+    offsets and a read of the offsets inside the window, checked (see there). Nothing is built,
+    in any process, at any size.
+    """
+    __slots__ = ("_load", "_seq_len", "_rows", "_starts", "_low", "_count", "_span", "_mapping", "_row_bytes")
+
+    def __init__(self, load: MapLoader, seq_len: int):
+        if not isinstance(load, MapLoader):
+            raise TypeError(f"Windows: load must be a picomap loader (get_loader_fn's), not {type(load).__name__}")
+        if load.fields is not None:
+            raise ValueError(f"{load.path}: a set of fields has no single row to window; give Windows one "
+                             f"field's loader (load.fields[name]) or a map of a structured dtype")
+        if load._header.text:
+            raise ValueError(f"{load.path}: a map of text ({load._header.text}) holds UTF-8 bytes, not tokens; "
+                             "windows are over token maps")
+        try:
+            seq_len = operator.index(seq_len)
+        except TypeError:
+            raise TypeError(f"{load.path}: seq_len must be an integer, not {type(seq_len).__name__}") from None
+        if seq_len < 1:
+            raise ValueError(f"{load.path}: seq_len must be at least 1, not {seq_len}")
+        starts = load._starts
+        if starts is None:
+            raise ValueError(f"{load.path}: the loader is closed")
+        # both ends of a map's (or a slice's) offsets are checked when it is opened (or sliced)
+        low, high = int(starts[0]), int(starts[-1])
+        self._load, self._seq_len, self._starts, self._low = load, seq_len, starts, low
+        self._rows = load._data[low:high]
+        self._count = max(high - low - 1, 0) // seq_len
+        self._span = seq_len + 1
+        # a cold loader's mapping reads no page around a fault: ask for each window's pages at once
+        cold = load.access == "cold" and load._data.nbytes and hasattr(load._data.base, "madvise")
+        self._mapping, self._row_bytes = (load._data.base if cold else None), load._header.row_bytes
+
+    def __call__(self, k) -> np.ndarray:
+        if type(k) is int and 0 <= k < self._count:  # the fast path: a plain in-range index
+            first = k * self._seq_len
+        else:
+            first = self._index(k) * self._seq_len
+        if self._mapping is not None:
+            self._fetch([first])
+        return self._rows[first:first + self._span]
+
+    __getitem__ = __call__
+
+    def _index(self, k) -> int:
+        """k as an index in range(len(self)): negative ones from the end; IndexError or TypeError."""
+        try:
+            i = operator.index(k)
+        except TypeError:
+            raise TypeError(f"{self._load.path}: window indices must be integers, not {type(k).__name__}") from None
+        j = i + self._count if i < 0 else i
+        if not 0 <= j < self._count:
+            raise IndexError(f"{self._load.path}: window {i} is out of range for {self._count} windows of "
+                             f"{self._seq_len} rows")
+        return j
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        for k in range(self._count):
+            yield self(k)
+
+    def __getitems__(self, ks) -> list:
+        """Many windows at once, as a DataLoader fetches a batch: a list of views, in the order of ks."""
+        firsts = [self._index(k) * self._seq_len for k in ks]
+        if self._mapping is not None:
+            self._fetch(firsts)
+        rows, span = self._rows, self._span
+        return [rows[first:first + span] for first in firsts]
+
+    def _fetch(self, firsts: list) -> None:
+        """A cold loader's windows: one madvise(MADV_WILLNEED) for each run of adjacent windows."""
+        row_bytes, page = self._row_bytes, mmap.PAGESIZE
+        window_bytes, runs = self._span * row_bytes, []
+        for begin in sorted((self._low + first) * row_bytes for first in firsts):
+            if runs and begin <= runs[-1][1] + page:
+                runs[-1][1] = max(runs[-1][1], begin + window_bytes)
+            else:
+                runs.append([begin, begin + window_bytes])
+        for begin, end in runs:
+            aligned = begin - begin % page
+            self._mapping.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+
+    def cu_seqlens(self, k) -> np.ndarray:
+        """Window k's item boundaries as int32: 0, then each offset j, ``0 < j < seq_len``, at which an
+        item starts inside the window, once, then ``seq_len``.
+
+        The offset lists the window's input positions (``w[k][:-1]``) at which a new item begins:
+        an item that begins at the window's first row is its 0, one that begins at its last row
+        (only a label there) is not listed, and empty items add nothing (they begin where the next
+        does). So ``np.diff(cu_seqlens(k))`` are the lengths of the runs of one item each, as
+        flash-attention's varlen ``cu_seqlens`` and position ids that restart at each item need.
+
+            w.cu_seqlens(0)   # array([0, 437, 768, 1024], dtype=int32) for items of 437, 331, ... rows
+
+        Cost: two binary searches in the mapped offsets (O(log N)) and a read of the offsets of the
+        items that begin inside the window. Those offsets, and the two around them, are checked:
+        offsets that decrease or fall outside the window (a damaged file) raise ValueError naming
+        the offsets file and the items; nothing out of the window is ever returned. Offsets that
+        this window does not use are not read: ``verify_hash`` checks them all.
+        """
+        first = self._index(k) * self._seq_len + self._low  # the window's first row, in the map's rows
+        end = first + self._seq_len  # its last row (a label only)
+        starts = self._starts
+        lo = int(np.searchsorted(starts, first, side="right"))  # the first item to begin after row first
+        hi = int(np.searchsorted(starts, end, side="left"))  # the first item to begin at row end or later
+        if not 1 <= lo <= hi < len(starts):
+            self._damaged(lo, hi, first, end)
+        around = starts[lo - 1:hi + 1]  # the item holding row first, those beginning inside, the one after
+        inside = around[1:-1]
+        if around[0] > first or around[-1] < end or inside.size and (
+                inside[0] <= first or inside[-1] >= end or bool((inside[1:] < inside[:-1]).any())):
+            self._damaged(lo, hi, first, end)
+        if inside.size > 1:
+            inside = inside[np.concatenate(([True], inside[1:] != inside[:-1]))]  # empty items: one boundary
+        out = np.empty(inside.size + 2, np.int32)
+        out[0], out[-1] = 0, self._seq_len
+        np.subtract(inside, first, out=out[1:-1], casting="unsafe")
+        return out
+
+    def _damaged(self, lo: int, hi: int, first: int, end: int):
+        """Raise the ValueError of a window whose offsets do not bracket it in order."""
+        item = self._load._first
+        shown = f"items {item + max(lo - 1, 0)}-{item + min(hi, len(self._starts) - 1)}"
+        raise ValueError(f"{self._load._files.starts}: the offsets of {shown} do not increase through rows "
+                         f"{first}-{end} (damaged offsets); the window is not served; verify_hash tells more")
+
+    @property
+    def load(self) -> MapLoader:
+        """The loader whose rows are windowed."""
+        return self._load
+
+    @property
+    def seq_len(self) -> int:
+        """Rows a window's inputs span; a window holds one more."""
+        return self._seq_len
+
+    def __getstate__(self) -> dict:
+        return {"load": self._load, "seq_len": self._seq_len}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["load"], state["seq_len"])
+
+    def __repr__(self) -> str:
+        return f"<picomap.Windows {os.fspath(self._load.path)!r}: {self._count} windows of {self._seq_len} rows>"
 
 
 # ---------------------------------------------------------------- command line
