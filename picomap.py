@@ -2134,8 +2134,8 @@ class Windows:
     rows, for a map larger than memory).
 
     A set of fields or a text map is refused (ValueError); a structured dtype (tokens and a loss
-    mask, say) is windowed row for row. The windows keep their own view of the rows: closing the
-    loader does not stop them. Cost: construction reads nothing (O(1) time and memory whatever the
+    mask, say) is windowed row for row. ``w[k]`` keeps its own view of the rows, so it still works
+    once the loader is closed; ``cu_seqlens`` then raises ValueError. Cost: construction reads nothing (O(1) time and memory whatever the
     item count); ``w[k]`` is one slice; ``cu_seqlens(k)`` two binary searches in the mapped
     offsets and a read of the offsets inside the window, checked (see there). Nothing is built,
     in any process, at any size.
@@ -2234,18 +2234,21 @@ class Windows:
             w.cu_seqlens(0)   # array([0, 437, 768, 1024], dtype=int32) for items of 437, 331, ... rows
 
         Cost: two binary searches in the mapped offsets (O(log N)) and a read of the offsets of the
-        items that begin inside the window. Those offsets, and the two around them, are checked:
-        offsets that decrease or fall outside the window (a damaged file) raise ValueError naming
-        the offsets file and the items; nothing out of the window is ever returned. Offsets that
-        this window does not use are not read: ``verify_hash`` checks them all.
+        items that begin inside the window. Those offsets and the two around them are checked, and
+        so, the first time, are the offsets of the 16,384-item chunks holding the window's first and
+        last items, as ``load(i)`` checks them: offsets that decrease or fall outside the window (a
+        damaged file) raise ValueError naming the offsets file and the items, and nothing out of the
+        window, or from an item that overlaps another, is ever returned. ``verify_hash`` checks all.
         """
-        first = self._index(k) * self._seq_len + self._low  # the window's first row, in the map's rows
+        k = self._index(k)
+        first = k * self._seq_len + self._low  # the window's first row, in the map's rows
         end = first + self._seq_len  # its last row (a label only)
         starts = self._starts
         lo = int(np.searchsorted(starts, first, side="right"))  # the first item to begin after row first
         hi = int(np.searchsorted(starts, end, side="left"))  # the first item to begin at row end or later
         if not 1 <= lo <= hi < len(starts):
             self._damaged(lo, hi, first, end)
+        self._check_items(k, lo - 1, hi - 1)
         around = starts[lo - 1:hi + 1]  # the item holding row first, those beginning inside, the one after
         inside = around[1:-1]
         if around[0] > first or around[-1] < end or inside.size and (
@@ -2257,6 +2260,20 @@ class Windows:
         out[0], out[-1] = 0, self._seq_len
         np.subtract(inside, first, out=out[1:-1], casting="unsafe")
         return out
+
+    def _check_items(self, k, *items: int) -> None:
+        """Have the loader check the offsets of the chunks holding these items, as load(i) does, unless
+        it has: a search led astray by a damaged offset elsewhere then lands in offsets that are
+        ordered with every chunk checked so far, or raises."""
+        load = self._load
+        if load._starts is None:
+            raise load._closed()
+        for item in items:
+            if not load._ready[item >> CHECK_SHIFT]:
+                try:
+                    load._check_chunk(item)
+                except ValueError as e:
+                    raise ValueError(f"{e}; window {k} is not served") from None
 
     def _damaged(self, lo: int, hi: int, first: int, end: int):
         """Raise the ValueError of a window whose offsets do not bracket it in order."""
