@@ -2134,13 +2134,21 @@ class Windows:
     rows, for a map larger than memory).
 
     A set of fields or a text map is refused (ValueError); a structured dtype (tokens and a loss
-    mask, say) is windowed row for row. ``w[k]`` keeps its own view of the rows, so it still works
-    once the loader is closed; ``cu_seqlens`` then raises ValueError. Cost: construction reads nothing (O(1) time and memory whatever the
-    item count); ``w[k]`` is one slice; ``cu_seqlens(k)`` two binary searches in the mapped
-    offsets and a read of the offsets inside the window, checked (see there). Nothing is built,
-    in any process, at any size.
+    mask, say) is windowed row for row. ``seq_len`` is an integer from 1 to 2**31 - 1 (ValueError
+    or TypeError otherwise). ``w[k]`` keeps its own view of the rows, so it still works once the
+    loader is closed; ``cu_seqlens`` then raises ValueError.
+
+    Cost: construction reads nothing (O(1) time and memory whatever the item count); ``w[k]`` is
+    one slice; ``cu_seqlens(k)`` two binary searches in the mapped offsets and a read of the
+    offsets inside the window, checked (see there). Nothing is built, in any process, at any size.
     """
-    __slots__ = ("_load", "_seq_len", "_rows", "_starts", "_low", "_count", "_span", "_mapping", "_row_bytes")
+    __slots__ = ("_load", "_seq_len", "_rows", "_starts", "_low", "_count", "_span", "_row_bytes")
+
+    def __new__(cls, load: MapLoader | None = None, seq_len: int | None = None):
+        # a cold loader's windows ask for their pages up front: a class of their own keeps w[k] as it is
+        if cls is Windows and isinstance(load, MapLoader) and load.access == "cold":
+            cls = _ColdWindows
+        return super().__new__(cls)
 
     def __init__(self, load: MapLoader, seq_len: int):
         if not isinstance(load, MapLoader):
@@ -2155,8 +2163,8 @@ class Windows:
             seq_len = operator.index(seq_len)
         except TypeError:
             raise TypeError(f"{load.path}: seq_len must be an integer, not {type(seq_len).__name__}") from None
-        if seq_len < 1:
-            raise ValueError(f"{load.path}: seq_len must be at least 1, not {seq_len}")
+        if not 1 <= seq_len < 2**31:  # cu_seqlens are int32, as varlen attention takes them
+            raise ValueError(f"{load.path}: seq_len must be from 1 to 2**31 - 1, not {seq_len}")
         starts = load._starts
         if starts is None:
             raise ValueError(f"{load.path}: the loader is closed")
@@ -2165,18 +2173,16 @@ class Windows:
         self._load, self._seq_len, self._starts, self._low = load, seq_len, starts, low
         self._rows = load._data[low:high]
         self._count = max(high - low - 1, 0) // seq_len
-        self._span = seq_len + 1
-        # a cold loader's mapping reads no page around a fault: ask for each window's pages at once
-        cold = load.access == "cold" and load._data.nbytes and hasattr(load._data.base, "madvise")
-        self._mapping, self._row_bytes = (load._data.base if cold else None), load._header.row_bytes
+        self._span, self._row_bytes = seq_len + 1, load._header.row_bytes
 
     def __call__(self, k) -> np.ndarray:
-        if type(k) is int and 0 <= k < self._count:  # the fast path: a plain in-range index
-            first = k * self._seq_len
-        else:
-            first = self._index(k) * self._seq_len
-        if self._mapping is not None:
-            self._fetch([first])
+        try:  # the fast path, for an index in range: a float or a str fails the comparison or the slice
+            if 0 <= k < self._count:
+                first = k * self._seq_len
+                return self._rows[first:first + self._span]
+        except (TypeError, ValueError):  # (ValueError: an array's truth value)
+            pass
+        first = self._index(k) * self._seq_len  # a negative index, or the error to raise
         return self._rows[first:first + self._span]
 
     __getitem__ = __call__
@@ -2203,23 +2209,8 @@ class Windows:
     def __getitems__(self, ks) -> list:
         """Many windows at once, as a DataLoader fetches a batch: a list of views, in the order of ks."""
         firsts = [self._index(k) * self._seq_len for k in ks]
-        if self._mapping is not None:
-            self._fetch(firsts)
         rows, span = self._rows, self._span
         return [rows[first:first + span] for first in firsts]
-
-    def _fetch(self, firsts: list) -> None:
-        """A cold loader's windows: one madvise(MADV_WILLNEED) for each run of adjacent windows."""
-        row_bytes, page = self._row_bytes, mmap.PAGESIZE
-        window_bytes, runs = self._span * row_bytes, []
-        for begin in sorted((self._low + first) * row_bytes for first in firsts):
-            if runs and begin <= runs[-1][1] + page:
-                runs[-1][1] = max(runs[-1][1], begin + window_bytes)
-            else:
-                runs.append([begin, begin + window_bytes])
-        for begin, end in runs:
-            aligned = begin - begin % page
-            self._mapping.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
 
     def cu_seqlens(self, k) -> np.ndarray:
         """Window k's item boundaries as int32: 0, then each offset j, ``0 < j < seq_len``, at which an
@@ -2247,13 +2238,13 @@ class Windows:
         lo = int(np.searchsorted(starts, first, side="right"))  # the first item to begin after row first
         hi = int(np.searchsorted(starts, end, side="left"))  # the first item to begin at row end or later
         if not 1 <= lo <= hi < len(starts):
-            self._damaged(lo, hi, first, end)
+            self._damaged(k, lo, hi, first, end)
         self._check_items(k, lo - 1, hi - 1)
         around = starts[lo - 1:hi + 1]  # the item holding row first, those beginning inside, the one after
         inside = around[1:-1]
         if around[0] > first or around[-1] < end or inside.size and (
                 inside[0] <= first or inside[-1] >= end or bool((inside[1:] < inside[:-1]).any())):
-            self._damaged(lo, hi, first, end)
+            self._damaged(k, lo, hi, first, end)
         if inside.size > 1:
             inside = inside[np.concatenate(([True], inside[1:] != inside[:-1]))]  # empty items: one boundary
         out = np.empty(inside.size + 2, np.int32)
@@ -2275,12 +2266,12 @@ class Windows:
                 except ValueError as e:
                     raise ValueError(f"{e}; window {k} is not served") from None
 
-    def _damaged(self, lo: int, hi: int, first: int, end: int):
+    def _damaged(self, k: int, lo: int, hi: int, first: int, end: int):
         """Raise the ValueError of a window whose offsets do not bracket it in order."""
         item = self._load._first
         shown = f"items {item + max(lo - 1, 0)}-{item + min(hi, len(self._starts) - 1)}"
         raise ValueError(f"{self._load._files.starts}: the offsets of {shown} do not increase through rows "
-                         f"{first}-{end} (damaged offsets); the window is not served; verify_hash tells more")
+                         f"{first}-{end} (damaged offsets): window {k} is not served; verify_hash tells more")
 
     @property
     def load(self) -> MapLoader:
@@ -2292,14 +2283,49 @@ class Windows:
         """Rows a window's inputs span; a window holds one more."""
         return self._seq_len
 
-    def __getstate__(self) -> dict:
-        return {"load": self._load, "seq_len": self._seq_len}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["load"], state["seq_len"])
+    def __reduce__(self):
+        return Windows, (self._load, self._seq_len)  # the loader pickles as its path, hash and items
 
     def __repr__(self) -> str:
         return f"<picomap.Windows {os.fspath(self._load.path)!r}: {self._count} windows of {self._seq_len} rows>"
+
+
+class _ColdWindows(Windows):
+    """Windows of a cold loader, whose mapping reads no page around a fault: each call first asks
+    for its windows' pages with one madvise(MADV_WILLNEED) a run of adjacent windows, so that they
+    are read at once rather than a fault at a time (a block-shuffled batch: about one read)."""
+    __slots__ = ("_mapping",)
+
+    def __init__(self, load: MapLoader, seq_len: int):
+        super().__init__(load, seq_len)
+        mapping = load._data.base
+        self._mapping = mapping if isinstance(mapping, mmap.mmap) else None  # an empty .dat is not mapped
+
+    def __call__(self, k) -> np.ndarray:
+        first = self._index(k) * self._seq_len
+        self._fetch([first])
+        return self._rows[first:first + self._span]
+
+    __getitem__ = __call__
+
+    def __getitems__(self, ks) -> list:
+        firsts = [self._index(k) * self._seq_len for k in ks]
+        self._fetch(firsts)
+        rows, span = self._rows, self._span
+        return [rows[first:first + span] for first in firsts]
+
+    def _fetch(self, firsts: list) -> None:
+        if self._mapping is None:
+            return
+        row_bytes, page, runs = self._row_bytes, mmap.PAGESIZE, []
+        for begin in sorted((self._low + first) * row_bytes for first in firsts):  # bytes into the .dat
+            if runs and begin <= runs[-1][1] + page:
+                runs[-1][1] = max(runs[-1][1], begin + self._span * row_bytes)
+            else:
+                runs.append([begin, begin + self._span * row_bytes])
+        for begin, end in runs:
+            aligned = begin - begin % page
+            self._mapping.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
 
 
 # ---------------------------------------------------------------- command line

@@ -152,8 +152,8 @@ def megatron_sample(data, starts, document_index, sample_index, s: int) -> np.nd
     for position in range(d0, d1 + 1):
         doc = int(document_index[position])
         begin, end = int(starts[doc]), int(starts[doc + 1])
-        first = begin + (o0 if position == d0 else 0)
-        last = begin + o1 + 1 if position == d1 else end
+        first = begin + (int(o0) if position == d0 else 0)  # int: NumPy 2 keeps int32 and overflows
+        last = begin + int(o1) + 1 if position == d1 else end
         parts.append(data[first:last])
     return np.concatenate(parts)
 
@@ -230,7 +230,8 @@ def open_to_first_batch(folder: Path, sizes: list, rounds: int, timeout: float) 
         if "error" in theirs:
             cells = [theirs["error"], "", ""]
         else:
-            cells = [f"{theirs['seconds']:.2f} s ({theirs['build']:.2f} s build)", f"{mib(theirs['traced'])} / {mib(theirs['anonymous'])}",
+            cells = [f"{theirs['seconds']:.2f} s ({theirs['build']:.2f} s build)",
+                     f"{mib(theirs['traced'])} / {mib(theirs['anonymous'])}",
                      f"{theirs['seconds'] / mine:,.0f}x"]
         print(f"| {n:.0e} | {tokens:.2e} | {mine_cell} | {mine_memory} | {' | '.join(cells)} |", flush=True)
 
@@ -356,6 +357,7 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help="where the temporary maps go (default: the system's)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a child is given up")
+    parser.add_argument("--parts", default="a,b", help="which parts to run: a (open to first batch), b, or both")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -366,11 +368,11 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 5)
     folder = Path(tempfile.mkdtemp(prefix="picomap-windows-", dir=args.folder))
     try:
-        open_to_first_batch(folder, sizes, rounds, args.timeout)
-        if args.quick:
-            per_window(folder, 2_000_000, rounds, picks=20_000, batches=20)
-        else:
-            per_window(folder, 100_000_000, rounds, picks=200_000, batches=200)
+        if "a" in args.parts:
+            open_to_first_batch(folder, sizes, rounds, args.timeout)
+        if "b" in args.parts:
+            per_window(folder, 2_000_000 if args.quick else 100_000_000, rounds, picks=20_000 if args.quick else 200_000,
+                       batches=20 if args.quick else 200)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -138,6 +138,7 @@ def test_windows_are_read_only_views_with_python_indexing(in_tmp):
     assert len(w) == (41 - 1) // 5 == 8
     assert np.shares_memory(w[0], load.data) and not w[0].flags.writeable
     assert np.array_equal(w(-1), tokens[35:41]) and np.array_equal(w[np.int64(2)], tokens[10:16])
+    assert np.array_equal(w[np.array(3)], tokens[15:21]) and np.array_equal(w[True], w[1])
     assert [x.tolist() for x in w.__getitems__([3, -8, np.uint8(1)])] == [tokens[a:a + 6].tolist() for a in (15, 0, 5)]
     assert [x.tolist() for x in w] == [tokens[a:a + 6].tolist() for a in range(0, 40, 5)]
     for k in (8, -9, 10**20):
@@ -145,7 +146,8 @@ def test_windows_are_read_only_views_with_python_indexing(in_tmp):
             w[k]
         with pytest.raises(IndexError):
             w.cu_seqlens(k)
-    for k in (1.0, "1", None, slice(0, 2)):
+    from fractions import Fraction
+    for k in (1.0, np.float64(2.0), Fraction(2), "1", None, slice(0, 2), np.array([1, 2]), [1]):
         with pytest.raises(TypeError, match="window indices must be integers"):
             w[k]
         with pytest.raises(TypeError):
@@ -167,8 +169,8 @@ def test_short_and_empty_maps_have_no_windows(in_tmp):
 def test_what_cannot_be_windowed_is_refused(in_tmp):
     write_map("m", [4, 4])
     load, _ = pm.get_loader_fn("m")
-    for bad in (0, -3):
-        with pytest.raises(ValueError, match="m: seq_len must be at least 1"):
+    for bad in (0, -3, 2**31):
+        with pytest.raises(ValueError, match="m: seq_len must be from 1 to 2\*\*31 - 1"):
             pm.Windows(load, bad)
     for bad in (2.0, "4", None):
         with pytest.raises(TypeError, match="m: seq_len must be an integer"):
@@ -207,6 +209,8 @@ def test_structured_rows_and_cold_reads_window_the_same(in_tmp):
         assert cached[k].dtype == row and np.array_equal(cached[k], every[4 * k:4 * k + 5])
         assert np.array_equal(cold[k], cached[k]) and cold.cu_seqlens(k).tolist() == cached.cu_seqlens(k).tolist()
     assert [x.tolist() for x in cold.__getitems__([3, 0, 1])] == [every[a:a + 5].tolist() for a in (12, 0, 4)]
+    back = pickle.loads(pickle.dumps(cold))
+    assert back.load.access == "cold" and isinstance(back, pm.Windows) and np.array_equal(back[-1], cold[3])
 
 
 # ---------------------------------------------------------------- damaged offsets
@@ -227,7 +231,8 @@ def test_damaged_offsets_in_the_middle_are_refused_never_served(in_tmp):
         try:
             cu = w.cu_seqlens(k)
         except ValueError as e:
-            assert f"m.starts.npy: offsets decrease at item {at - 1}" in str(e) and f"window {k} is not served" in str(e)
+            assert f"m.starts.npy: offsets decrease at item {at - 1}" in str(e)
+            assert f"window {k} is not served" in str(e)
             refused.append(k)
             continue
         inside = boundaries[(boundaries > first) & (boundaries < first + seq_len)] - first
@@ -304,7 +309,8 @@ def test_hundred_million_documents_cost_no_memory(in_tmp):
         for k, (shape, cu) in got.items():
             first = k * seq_len
             near = int(first * per_row)  # about the item holding row first; the oracle looks around it
-            starts = offset(np.arange(max(near - 2 * len(pattern), 0), near + int(seq_len * per_row) + 3 * len(pattern)))
+            around = np.arange(max(near - 2 * len(pattern), 0), near + int(seq_len * per_row) + 3 * len(pattern))
+            starts = offset(around)
             assert shape == (seq_len + 1,) and cu.tolist() == oracle_cu_seqlens(starts, first, seq_len)
         assert len(pickle.dumps(w)) < 1024
     finally:
@@ -378,3 +384,16 @@ def test_block_sampler_gives_runs_of_consecutive_windows(in_tmp):
     assert sorted(runs) == list(range(-(-len(w) // 16)))  # each block's windows in one run: consecutive rows
     run = [k for k in order if k // 16 == runs[0]]
     assert np.array_equal(np.concatenate([w[k][:-1] for k in sorted(run)]), tokens[8 * min(run):8 * (max(run) + 1)])
+
+
+def test_benchmark_quick_mode_runs_and_reports(tmp_path):
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+    script = Path(pm.__file__).resolve().parent / "benchmarks" / "windows.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--folder", str(tmp_path)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for line in ("| 1e+04 |", "| 1e+05 |", "| `w[k]` |", "| pm.Windows | ", "| np.memmap, nanoGPT-style |"):
+        assert line in result.stdout
+    assert list(tmp_path.iterdir()) == []  # its maps are removed
