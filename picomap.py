@@ -2260,7 +2260,7 @@ class Windows:
         if load._starts is None:
             raise load._closed()
         for item in items:
-            if not load._ready[item >> CHECK_SHIFT]:
+            if not load._checked[item >> CHECK_SHIFT]:
                 try:
                     load._check_chunk(item)
                 except ValueError as e:

@@ -170,7 +170,7 @@ def test_what_cannot_be_windowed_is_refused(in_tmp):
     write_map("m", [4, 4])
     load, _ = pm.get_loader_fn("m")
     for bad in (0, -3, 2**31):
-        with pytest.raises(ValueError, match="m: seq_len must be from 1 to 2\*\*31 - 1"):
+        with pytest.raises(ValueError, match=r"m: seq_len must be from 1 to 2\*\*31 - 1"):
             pm.Windows(load, bad)
     for bad in (2.0, "4", None):
         with pytest.raises(TypeError, match="m: seq_len must be an integer"):
