@@ -115,7 +115,8 @@ def test_boundaries_of_empty_and_long_documents(in_tmp):
     write_map("m", [3, 0, 0, 5, 1, 0, 7, 2])
     w = pm.Windows(pm.get_loader_fn("m")[0], 4)
     assert [w.cu_seqlens(k).tolist() for k in range(len(w))] == [[0, 3, 4], [0, 4], [0, 1, 4], [0, 4]]
-    # window 1 is rows 4-8: D's first row 8 is its label only, so it is no boundary of the inputs
+    # window 1 is rows 4-8: C's only row, 8, is its label only, so no boundary of its inputs; window 2
+    # is rows 8-12: C begins at its first row (0, not listed again) and D, after the empty item, at 1
 
 
 def test_windows_over_a_slice_are_those_of_a_map_of_its_items(in_tmp):
@@ -332,7 +333,7 @@ def test_pickles_as_its_map_and_seq_len(in_tmp):
 
 
 def batch_of_windows(windows):
-    """A collate for the tests: copies, as the README's does, plus each window's start token."""
+    """A collate for the tests: the windows copied out of the map, as int64."""
     return np.stack(windows).astype(np.int64)
 
 
