@@ -48,7 +48,7 @@ except ImportError:  # Windows: no flock; commits are still atomic per file
 
 __version__ = "1.2.0"
 __all__ = ["build_map", "MapWriter", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array",
-           "MapLoader", "Sampler", "map_files", "main"]
+           "MapLoader", "Sampler", "Windows", "map_files", "main"]
 
 FORMAT_VERSION = 1
 # A json bigger than this is refused before parsing: a damaged or hostile file must not exhaust memory.
@@ -2154,17 +2154,20 @@ class _ColdLoader(_ArrayLoader):
         return self._begins[i] * self._header.row_bytes, self._ends[i] * self._header.row_bytes
 
     def _fetch(self, spans: list) -> None:
-        """One madvise(MADV_WILLNEED) for each run of spans (sorted) no more than a page apart."""
-        mapping, page = self._data.base, mmap.PAGESIZE
-        run_start, run_end = None, None
-        for start, end in spans + [(None, None)]:
-            if start is not None and run_end is not None and start <= run_end + page:
-                run_end = max(run_end, end)
-                continue
-            if run_start is not None:
-                aligned = run_start - run_start % page
-                mapping.madvise(mmap.MADV_WILLNEED, aligned, run_end - aligned)
-            run_start, run_end = start, end
+        _will_need(self._data.base, spans)
+
+
+def _will_need(mapping: mmap.mmap, spans: list) -> None:
+    """One madvise(MADV_WILLNEED) for each run of byte spans (sorted) no more than a page apart."""
+    page, run_start, run_end = mmap.PAGESIZE, None, None
+    for start, end in spans + [(None, None)]:
+        if start is not None and run_end is not None and start <= run_end + page:
+            run_end = max(run_end, end)
+            continue
+        if run_start is not None:
+            aligned = run_start - run_start % page
+            mapping.madvise(mmap.MADV_WILLNEED, aligned, run_end - aligned)
+        run_start, run_end = start, end
 
 
 class _TextLoader(_ArrayLoader):
@@ -2515,6 +2518,218 @@ class Sampler:
         if state["yielded"] >= self.share and self._epoch_chosen and state["epoch"] != self.epoch:
             return
         self.set_epoch(state["epoch"], start=state["yielded"])
+
+
+# ---------------------------------------------------------------- windows
+
+class Windows:
+    """Fixed-length language-model windows packed across a map's items, with the items' boundaries.
+
+    ``w = Windows(load, seq_len)``: window ``k`` is rows ``k*seq_len .. k*seq_len + seq_len`` of
+    ``load.data`` (``seq_len + 1`` rows, so inputs ``w[k][:-1]`` and labels ``w[k][1:]``), read
+    across item boundaries. Consecutive windows share one row: every row but the first is a label
+    exactly once. ``len(w) == (rows - 1) // seq_len`` (0 for fewer than two rows); the rows past
+    the last whole window are never served. ``load`` may be a slice (``load[900:]``): its windows
+    hold its own items' rows only. Window k is Megatron-LM's GPT sample k for one epoch with the
+    documents in stored order and ``add_extra_token_to_sequence``.
+
+        w = pm.Windows(load, 1024)
+        x = w[7]                  # read-only view, shape (1025, *trail_dim)
+        cu = w.cu_seqlens(7)      # int32 [0, 311, 900, 1024]: items start at rows 311 and 900
+
+    ``w[k]`` (same as ``w(k)``) is a zero-copy read-only view; negative k counts from the end, out
+    of range raises IndexError, a float or str TypeError. ``w.__getitems__(ks)`` is a list of
+    windows: the hook through which a DataLoader fetches a batch. It pickles as its loader and
+    ``seq_len`` (a few hundred bytes), so DataLoader workers reopen the map themselves, and it
+    works with ``Sampler(w, ...)`` (``block=B`` shuffles runs of B consecutive windows: consecutive
+    rows, for a map larger than memory).
+
+    A set of fields or a text map is refused (ValueError); a structured dtype (tokens and a loss
+    mask, say) is windowed row for row. ``seq_len`` is an integer from 1 to 2**31 - 1 (ValueError
+    or TypeError otherwise). ``w[k]`` keeps its own view of the rows, so it still works once the
+    loader is closed; ``cu_seqlens`` then raises ValueError.
+
+    Cost: construction reads nothing (O(1) time and memory whatever the item count); ``w[k]`` is
+    one slice; ``cu_seqlens(k)`` two binary searches in the mapped offsets and a read of the
+    offsets inside the window, checked (see there). Nothing is built, in any process, at any size.
+    """
+    __slots__ = ("_load", "_seq_len", "_rows", "_starts", "_low", "_count", "_span", "_row_bytes")
+
+    def __new__(cls, load: MapLoader | None = None, seq_len: int | None = None):
+        # a cold loader's windows ask for their pages up front: a class of their own keeps w[k] as it is
+        if cls is Windows and isinstance(load, MapLoader) and load.access == "cold":
+            cls = _ColdWindows
+        return super().__new__(cls)
+
+    def __init__(self, load: MapLoader, seq_len: int):
+        if not isinstance(load, MapLoader):
+            raise TypeError(f"Windows: load must be a picomap loader (get_loader_fn's), not {type(load).__name__}")
+        if load.fields is not None:
+            raise ValueError(f"{load.path}: a set of fields has no single row to window; give Windows one "
+                             f"field's loader (load.fields[name]) or a map of a structured dtype")
+        if load._header.text:
+            raise ValueError(f"{load.path}: a map of text ({load._header.text}) holds UTF-8 bytes, not tokens; "
+                             "windows are over token maps")
+        try:
+            seq_len = operator.index(seq_len)
+        except TypeError:
+            raise TypeError(f"{load.path}: seq_len must be an integer, not {type(seq_len).__name__}") from None
+        if not 1 <= seq_len < 2**31:  # cu_seqlens are int32, as varlen attention takes them
+            raise ValueError(f"{load.path}: seq_len must be from 1 to 2**31 - 1, not {seq_len}")
+        starts = load._starts
+        if starts is None:
+            raise ValueError(f"{load.path}: the loader is closed")
+        # both ends of a map's (or a slice's) offsets are checked when it is opened (or sliced)
+        low, high = int(starts[0]), int(starts[-1])
+        self._load, self._seq_len, self._starts, self._low = load, seq_len, starts, low
+        self._rows = load._data[low:high]
+        self._count = max(high - low - 1, 0) // seq_len
+        self._span, self._row_bytes = seq_len + 1, load._header.row_bytes
+
+    def __call__(self, k) -> np.ndarray:
+        try:  # the fast path, for an index in range: a float or a str fails the comparison or the slice
+            if 0 <= k < self._count:
+                first = k * self._seq_len
+                return self._rows[first:first + self._span]
+        except (TypeError, ValueError):  # (ValueError: an array's truth value)
+            pass
+        first = self._index(k) * self._seq_len  # a negative index, or the error to raise
+        return self._rows[first:first + self._span]
+
+    __getitem__ = __call__
+
+    def _index(self, k) -> int:
+        """k as an index in range(len(self)): negative ones from the end; IndexError or TypeError."""
+        try:
+            i = operator.index(k)
+        except TypeError:
+            raise TypeError(f"{self._load.path}: window indices must be integers, not {type(k).__name__}") from None
+        j = i + self._count if i < 0 else i
+        if not 0 <= j < self._count:
+            raise IndexError(f"{self._load.path}: window {i} is out of range for {self._count} windows of "
+                             f"{self._seq_len} rows")
+        return j
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        for k in range(self._count):
+            yield self(k)
+
+    def __getitems__(self, ks) -> list:
+        """Many windows at once, as a DataLoader fetches a batch: a list of views, in the order of ks."""
+        firsts = [self._index(k) * self._seq_len for k in ks]
+        rows, span = self._rows, self._span
+        return [rows[first:first + span] for first in firsts]
+
+    def cu_seqlens(self, k) -> np.ndarray:
+        """Window k's item boundaries as int32: 0, then each offset j, ``0 < j < seq_len``, at which an
+        item starts inside the window, once, then ``seq_len``.
+
+        The offset lists the window's input positions (``w[k][:-1]``) at which a new item begins:
+        an item that begins at the window's first row is its 0, one that begins at its last row
+        (only a label there) is not listed, and empty items add nothing (they begin where the next
+        does). So ``np.diff(cu_seqlens(k))`` are the lengths of the runs of one item each, as
+        flash-attention's varlen ``cu_seqlens`` and position ids that restart at each item need.
+
+            w.cu_seqlens(0)   # array([0, 437, 768, 1024], dtype=int32) for items of 437, 331, ... rows
+
+        Cost: two binary searches in the mapped offsets (O(log N)) and a read of the offsets of the
+        items that begin inside the window. Those offsets and the two around them are checked, and
+        so, the first time, are the offsets of the 16,384-item chunks holding the window's first and
+        last items, as ``load(i)`` checks them: offsets that decrease or fall outside the window (a
+        damaged file) raise ValueError naming the offsets file and the items, and nothing out of the
+        window, or from an item that overlaps another, is ever returned. ``verify_hash`` checks all.
+        """
+        k = self._index(k)
+        first = k * self._seq_len + self._low  # the window's first row, in the map's rows
+        end = first + self._seq_len  # its last row (a label only)
+        starts = self._starts
+        lo = int(np.searchsorted(starts, first, side="right"))  # the first item to begin after row first
+        hi = int(np.searchsorted(starts, end, side="left"))  # the first item to begin at row end or later
+        if not 1 <= lo <= hi < len(starts):
+            self._damaged(k, lo, hi, first, end)
+        self._check_items(k, lo - 1, hi - 1)
+        around = starts[lo - 1:hi + 1]  # the item holding row first, those beginning inside, the one after
+        inside = around[1:-1]
+        if around[0] > first or around[-1] < end or inside.size and (
+                inside[0] <= first or inside[-1] >= end or bool((inside[1:] < inside[:-1]).any())):
+            self._damaged(k, lo, hi, first, end)
+        if inside.size > 1:
+            inside = inside[np.concatenate(([True], inside[1:] != inside[:-1]))]  # empty items: one boundary
+        out = np.empty(inside.size + 2, np.int32)
+        out[0], out[-1] = 0, self._seq_len
+        np.subtract(inside, first, out=out[1:-1], casting="unsafe")
+        return out
+
+    def _check_items(self, k, *items: int) -> None:
+        """Have the loader check the offsets of the chunks holding these items, as load(i) does, unless
+        it has: a search led astray by a damaged offset elsewhere then lands in offsets that are
+        ordered with every chunk checked so far, or raises."""
+        load = self._load
+        if load._starts is None:
+            raise load._closed()
+        for item in items:
+            if not load._checked[item >> CHECK_SHIFT]:
+                try:
+                    load._check_chunk(item)
+                except ValueError as e:
+                    raise ValueError(f"{e}; window {k} is not served") from None
+
+    def _damaged(self, k: int, lo: int, hi: int, first: int, end: int):
+        """Raise the ValueError of a window whose offsets do not bracket it in order."""
+        item = self._load._first
+        shown = f"items {item + max(lo - 1, 0)}-{item + min(hi, len(self._starts) - 1)}"
+        raise ValueError(f"{self._load._files.starts}: the offsets of {shown} do not increase through rows "
+                         f"{first}-{end} (damaged offsets): window {k} is not served; verify_hash tells more")
+
+    @property
+    def load(self) -> MapLoader:
+        """The loader whose rows are windowed."""
+        return self._load
+
+    @property
+    def seq_len(self) -> int:
+        """Rows a window's inputs span; a window holds one more."""
+        return self._seq_len
+
+    def __reduce__(self):
+        return Windows, (self._load, self._seq_len)  # the loader pickles as its path, hash and items
+
+    def __repr__(self) -> str:
+        return f"<picomap.Windows {os.fspath(self._load.path)!r}: {self._count} windows of {self._seq_len} rows>"
+
+
+class _ColdWindows(Windows):
+    """Windows of a cold loader, whose mapping reads no page around a fault: each call first asks
+    for its windows' pages with one madvise(MADV_WILLNEED) a run of adjacent windows, so that they
+    are read at once rather than a fault at a time (a block-shuffled batch: about one read)."""
+    __slots__ = ("_mapping",)
+
+    def __init__(self, load: MapLoader, seq_len: int):
+        super().__init__(load, seq_len)
+        mapping = load._data.base
+        self._mapping = mapping if isinstance(mapping, mmap.mmap) else None  # an empty .dat is not mapped
+
+    def __call__(self, k) -> np.ndarray:
+        first = self._index(k) * self._seq_len
+        self._fetch([first])
+        return self._rows[first:first + self._span]
+
+    __getitem__ = __call__
+
+    def __getitems__(self, ks) -> list:
+        firsts = [self._index(k) * self._seq_len for k in ks]
+        self._fetch(firsts)
+        rows, span = self._rows, self._span
+        return [rows[first:first + span] for first in firsts]
+
+    def _fetch(self, firsts: list) -> None:
+        if self._mapping is not None:
+            span_bytes = self._span * self._row_bytes
+            starts = sorted((self._low + first) * self._row_bytes for first in firsts)  # bytes into the .dat
+            _will_need(self._mapping, [(start, start + span_bytes) for start in starts])
 
 
 # ---------------------------------------------------------------- command line
