@@ -2236,8 +2236,8 @@ class Mix:
     A source's items are drawn in passes: each pass is all of its items, in a fresh order keyed by
     ``(seed, source, pass)`` with ``shuffle=True``, in stored order with ``shuffle=False``; no
     item repeats before its source is exhausted, a source is upsampled by more passes and
-    downsampled by stopping mid-pass. ``length`` defaults to the length at which the scarcest
-    source (the smallest ``len / weight``) has been drawn exactly once whole.
+    downsampled by stopping mid-pass. ``length`` defaults to the longest in which no item repeats:
+    the scarcest source (the smallest ``len / weight``) drawn exactly once whole, none more.
 
     Indices follow Python (negative from the end, numpy integers work); out of range raises
     IndexError, a non-integer TypeError. ``mix.__getitems__(indices)`` groups a batch by source
@@ -2281,7 +2281,7 @@ class Mix:
 
     def _ranks(self) -> tuple[np.ndarray, int]:
         """Each position's rank among its source's positions in the period (uint32), and the
-        default length: the first length by which some source has been drawn len(source) times,
+        default length: the longest in which no source is drawn more than len(source) times,
         found from the period's positions of each source in order."""
         source_of, period = self._source_of, self._period
         by_source = np.argsort(source_of, kind="stable")  # each source's positions, in order
@@ -2291,9 +2291,9 @@ class Mix:
         rank[by_source] = np.arange(period) - np.repeat(first[:-1], self._counts)
         length = MIX_MAX_LENGTH
         for d, (count, size) in enumerate(zip(self._counts, self._sizes)):
-            if count:  # just past the position of source d's draw number size - 1 (0-based), its last
-                periods, k = divmod(size - 1, count)
-                length = min(length, periods * period + int(by_source[first[d] + k]) + 1)
+            if count:  # the position of source d's draw number size (0-based), one too many
+                periods, k = divmod(size, count)
+                length = min(length, periods * period + int(by_source[first[d] + k]))
         return rank, length
 
     def __len__(self) -> int:
