@@ -2111,20 +2111,13 @@ class Sampler:
 
 # ---------------------------------------------------------------- mixtures
 
-# A mixture's weights are kept exact when their ratios are fractions of a total up to MIX_PERIOD
-# (integers such as 7:3, decimals such as 0.7 and 0.3), else rounded to multiples of 1/MIX_PERIOD;
-# up to 1/MIX_PERIOD_MAX when a weight is too small to get a share of MIX_PERIOD. The mixture
-# repeats itself every period, so locate is O(1) and the period's table (6 bytes a position) is
-# all it keeps: 384 KiB at most, 6 MiB for the rare weight under 2^-16 of the total.
-MIX_PERIOD = 1 << 16
-MIX_PERIOD_MAX = 1 << 20
-# A mixture's length stays below this, so that positions and item numbers fit an int64.
+# A mixture's length stays below this, so that every position fits an int64.
 MIX_MAX_LENGTH = 1 << 62
 
 
 def _weight_fraction(weight, d: int):
-    """weight as an exact fraction, read as its shortest decimal (0.7 is 7/10, not the nearest
-    binary fraction): TypeError unless it is a real number, ValueError unless finite and >= 0."""
+    """weight as an exact fraction, a float read as its shortest decimal (0.7 is 7/10, not the
+    nearest binary fraction): TypeError unless it is a real number, ValueError unless finite and >= 0."""
     import numbers
     from fractions import Fraction
     if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
@@ -2140,48 +2133,33 @@ def _weight_fraction(weight, d: int):
     return value
 
 
-def _mixture_counts(shares: list) -> tuple[list[int], int]:
-    """(W, S): each source's count in a period of S positions, sum(W) == S, W[d] / S == shares[d]
-    exactly where a period up to MIX_PERIOD allows, else the largest-remainder rounding to the
-    smallest S = 2^k >= MIX_PERIOD that leaves every positive share a count of at least 1."""
-    exact = math.lcm(*(share.denominator for share in shares))
-    if exact <= MIX_PERIOD:
-        return [int(share * exact) for share in shares], exact
-    period = MIX_PERIOD
-    while period <= MIX_PERIOD_MAX:
-        scaled = [share * period for share in shares]
-        counts = [math.floor(x) for x in scaled]
-        # the positions left go to the largest remainders, ties to the lowest source
-        by_remainder = sorted(range(len(shares)), key=lambda d: (counts[d] - scaled[d], d))
-        for d in by_remainder[:period - sum(counts)]:
-            counts[d] += 1
-        if all(count > 0 for count, share in zip(counts, shares) if share > 0):
-            return counts, period
-        period *= 2
-    smallest = min(share for share in shares if share > 0)
-    raise ValueError(f"Mix: a weight of {float(smallest):.3g} of the total is below 2^-20: "
-                     "raise it or leave that source out")
+def _split_tree(weights: list) -> tuple[int, list]:
+    """The sources of positive weight as a binary tree, built as Huffman's code is (the two lightest
+    subtrees joined first, ties to the older): (root, nodes). A node is (2a, b, 2b, heavier, lighter)
+    for a share a/b of its positions going to its heavier child (of two even ones, the older); a
+    child is a node's index, or ~d for source d. Joining the lightest first keeps heavy sources near the root and each split's
+    rounding small, so that every source keeps within about an item of its share."""
+    import heapq
+    heap = [(weight, d, ~d) for d, weight in enumerate(weights) if weight > 0]
+    heapq.heapify(heap)
+    nodes, age = [], len(weights)
+    while len(heap) > 1:
+        light_weight, _, light = heapq.heappop(heap)
+        heavy_weight, _, heavy = heapq.heappop(heap)
+        if light_weight == heavy_weight:  # even weights: the older first, so that source 0 leads
+            light, heavy = heavy, light
+        share = heavy_weight / (light_weight + heavy_weight)
+        nodes.append((2 * share.numerator, share.denominator, 2 * share.denominator, heavy, light))
+        heapq.heappush(heap, (light_weight + heavy_weight, age, len(nodes) - 1))
+        age += 1
+    return heap[0][2], nodes
 
 
-def _greedy_period(counts: list[int], period: int) -> np.ndarray:
-    """The source of each position of a period: Megatron's greedy blend, each position going to
-    the source furthest behind its share (the largest counts[d] * (p + 1) / period - drawn[d],
-    ties to the lowest d). A source is never a whole item ahead (it is drawn only when furthest
-    behind, at least 1/D behind), so at the period's end, where every deficit is an integer,
-    each source has been drawn exactly counts[d] times and the blend repeats."""
-    dtype = np.uint8 if len(counts) <= 1 << 8 else np.uint16
-    drawn = [d for d, count in enumerate(counts) if count > 0]
-    if len(drawn) == 1:
-        return np.full(period, drawn[0], dtype)
-    step = np.array([counts[d] for d in drawn], np.int64)
-    behind = np.zeros(len(drawn), np.int64)  # (counts * (p + 1) - period * drawn so far)
-    chosen = np.empty(period, np.int64)
-    for p in range(period):  # 0.05 s for 2^16 positions, whatever the number of sources
-        behind += step
-        k = int(behind.argmax())
-        chosen[p] = k
-        behind[k] -= period
-    return np.array(drawn, dtype)[chosen]
+def _heavier_before(n: int, node: tuple) -> int:
+    """How many of a node's first n positions go to its heavier child: n * a/b rounded half up,
+    within half an item of its share; position n goes there iff this grows from n to n + 1."""
+    twice_a, b, twice_b = node[0], node[1], node[2]
+    return (n * twice_a + b) // twice_b
 
 
 _MASK64 = (1 << 64) - 1
@@ -2217,7 +2195,7 @@ def _mixture_source(source, d: int) -> int:
 
 
 def _rebuilt_mix(sources, weights, seed, length, shuffle) -> Mix:
-    """Unpickling: the mixture made again from its arguments, its period's table recomputed."""
+    """Unpickling: the mixture made again from its arguments."""
     return Mix(sources, weights, seed=seed, length=length, shuffle=shuffle)
 
 
@@ -2226,12 +2204,10 @@ class Mix:
 
     ``pm.Mix([web, code], [0.7, 0.3])``: 70% of the items from ``web``, 30% from ``code``, in a
     fixed interleaving. Sources are any sized, indexable datasets (loaders, slices, sets, Windows,
-    lists); weights are non-negative finite reals, one a source, normalised. At every prefix of
-    the mixture each source's count is within about one item of its share (never a whole item
-    ahead; behind by at most about 1.2, as Megatron's greedy blend, which it follows), plus the
-    rounding: weights are exact when their ratios are fractions of a total up to 65,536 (7:3,
-    0.7/0.3, 1:2:1), else rounded to multiples of 2^-16 (each share off by less than 2^-16,
-    one item in 65,536; 2^-20 when a weight is below 2^-16). A source of weight 0 is never drawn.
+    lists); weights are non-negative finite reals, one a source, normalised, and kept exact, never
+    rounded (a float is read as its shortest decimal: 0.7 is 7/10). At every prefix of the mixture
+    each source's count is within about one item of its share (1.3 at worst in the tests, as
+    Megatron's greedy blend). A source of weight 0 is never drawn.
 
     A source's items are drawn in passes: each pass is all of its items, in a fresh order keyed by
     ``(seed, source, pass)`` with ``shuffle=True``, in stored order with ``shuffle=False``; no
@@ -2241,15 +2217,18 @@ class Mix:
 
     Indices follow Python (negative from the end, numpy integers work); out of range raises
     IndexError, a non-integer TypeError. ``mix.__getitems__(indices)`` groups a batch by source
-    and calls each source's own ``__getitems__`` once (its ``__getitem__`` per item if it has
+    and calls each source's own ``__getitems__`` once (its ``__getitem__`` an item if it has
     none). Bad weights (negative, NaN or infinite, all zero, not one a source) and an empty source
     of positive weight raise ValueError; a source without ``__len__`` or ``__getitem__``, or a
     weight that is not a real number (a bool included), TypeError.
 
-    Cost: ``locate`` is O(1), integer arithmetic only, the same on every machine and numpy
-    version; the mixture keeps 6 bytes a position of its period (384 KiB at most, usually far
-    less), whatever its length and the sources' sizes, built in about 0.05 s. It pickles as its
-    sources (loaders as their paths) and arguments, so it goes to DataLoader workers, and
+    How: the sources form a binary tree (Huffman's, by weight); each node sends position n of its
+    own to its heavier child iff ``round(n * share)`` grows there, and the rounded count is the
+    position's rank in that child. So ``locate`` is a walk from the root, integer arithmetic only,
+    the same on every machine and numpy version: O(depth), log2 of the sources for even weights,
+    a few µs. Nothing is tabled: memory is O(sources) whatever the length and the sources' sizes,
+    and construction takes microseconds (the default length a binary search a source). It pickles
+    as its sources (loaders as their paths) and arguments, so it goes to DataLoader workers, and
     ``pm.Sampler(mix)`` shuffles, shards and resumes it like any dataset.
     """
 
@@ -2257,8 +2236,8 @@ class Mix:
         sources, weights = tuple(sources), tuple(weights)
         if len(sources) != len(weights):
             raise ValueError(f"Mix: {len(sources)} sources but {len(weights)} weights; give one weight a source")
-        if not sources or len(sources) > 1 << 16:
-            raise ValueError(f"Mix: {len(sources)} sources; a mixture takes 1 to 65,536")
+        if not sources:
+            raise ValueError("Mix: no sources; give at least one")
         sizes = [_mixture_source(source, d) for d, source in enumerate(sources)]
         fractions = [_weight_fraction(weight, d) for d, weight in enumerate(weights)]
         total = sum(fractions)
@@ -2268,33 +2247,57 @@ class Mix:
             if share > 0 and size == 0:
                 raise ValueError(f"Mix: source {d} is empty but has weight {weights[d]}")
         self._sources, self._weights, self._sizes = sources, weights, sizes
+        self._shares = [share / total for share in fractions]
         self.seed, self.shuffle = operator.index(seed), bool(shuffle)
-        self._counts, self._period = _mixture_counts([share / total for share in fractions])
-        self._source_of = _greedy_period(self._counts, self._period)
-        self._rank, first_length = self._ranks()
-        self._length = first_length if length is None else operator.index(length)
+        self._root, self._nodes = _split_tree(self._shares)
+        self._paths = self._leaf_paths()
+        self._length = self._longest_without_repeats() if length is None else operator.index(length)
         if not 0 <= self._length < MIX_MAX_LENGTH:
             raise ValueError(f"Mix: length {self._length} is outside 0..2^62")
-        # memoryviews index to Python ints fast: locate(i) stays in plain integer arithmetic
-        self._source_view, self._rank_view = memoryview(self._source_of), memoryview(self._rank)
         self._pass_keys_cache = {}  # d -> (pass, its round keys): the pass being drawn, per source
 
-    def _ranks(self) -> tuple[np.ndarray, int]:
-        """Each position's rank among its source's positions in the period (uint32), and the
-        default length: the longest in which no source is drawn more than len(source) times,
-        found from the period's positions of each source in order."""
-        source_of, period = self._source_of, self._period
-        by_source = np.argsort(source_of, kind="stable")  # each source's positions, in order
-        first = np.zeros(len(self._counts) + 1, np.int64)
-        np.cumsum(self._counts, out=first[1:])
-        rank = np.empty(period, np.uint32)
-        rank[by_source] = np.arange(period) - np.repeat(first[:-1], self._counts)
-        length = MIX_MAX_LENGTH
-        for d, (count, size) in enumerate(zip(self._counts, self._sizes)):
-            if count:  # the position of source d's draw number size (0-based), one too many
-                periods, k = divmod(size, count)
-                length = min(length, periods * period + int(by_source[first[d] + k]))
-        return rank, length
+    def _leaf_paths(self) -> dict:
+        """Each drawn source's path from the root: [(node, heavier?)], to count its draws."""
+        paths, todo = {}, [(self._root, [])]
+        while todo:
+            child, path = todo.pop()
+            if child < 0:
+                paths[~child] = path
+                continue
+            node = self._nodes[child]
+            todo += [(node[3], path + [(child, True)]), (node[4], path + [(child, False)])]
+        return paths
+
+    def drawn(self, d: int, length: int) -> int:
+        """How many of the first ``length`` positions draw from source d (within about an item of
+        ``length * weights[d]``), for any length >= 0, past ``len(mix)`` too: O(depth).
+
+            pm.Mix([range(10), range(5)], [7, 3]).drawn(1, 100)   # 30
+        """
+        d, n = operator.index(d), operator.index(length)
+        if not 0 <= d < len(self._sources) or n < 0:
+            raise IndexError(f"Mix: no source {d} among {len(self._sources)}, or length {n} < 0")
+        if d not in self._paths:
+            return 0
+        for node, heavier in self._paths[d]:
+            heavy = _heavier_before(n, self._nodes[node])
+            n = heavy if heavier else n - heavy
+        return n
+
+    def _longest_without_repeats(self) -> int:
+        """The default length: the largest L at which no source has been drawn more than len(source)
+        times. A binary search a source (its count only grows with L), from its share's estimate."""
+        longest = MIX_MAX_LENGTH - 1
+        for d in self._paths:
+            size, share = self._sizes[d], self._shares[d]
+            low, high = 0, min(MIX_MAX_LENGTH - 1, math.ceil((size + 2) / share))  # drawn(d, high) > size
+            if self.drawn(d, high) <= size:
+                continue
+            while high - low > 1:  # drawn(d, low) <= size < drawn(d, high)
+                middle = (low + high) // 2
+                low, high = (middle, high) if self.drawn(d, middle) <= size else (low, middle)
+            longest = min(longest, low)
+        return longest
 
     def __len__(self) -> int:
         return self._length
@@ -2310,8 +2313,20 @@ class Mix:
             raise IndexError(f"Mix: item {i} is out of range for a mixture of {self._length} items")
         return index
 
+    def _draw(self, n: int) -> tuple[int, int]:
+        """Position n (checked) -> (d, k): source d's draw number k, walking the tree from the root."""
+        child, nodes = self._root, self._nodes
+        while child >= 0:
+            twice_a, b, twice_b, heavier, lighter = nodes[child]
+            heavy = (n * twice_a + b) // twice_b  # how many of the node's first n went the heavier way
+            if (n * twice_a + twice_a + b) // twice_b > heavy:
+                child, n = heavier, heavy
+            else:
+                child, n = lighter, n - heavy
+        return ~child, n
+
     def _pass_keys(self, d: int, passes: int) -> tuple:
-        """Source d's round keys for that pass: (pass, as uint64 array, as Python ints)."""
+        """Source d's round keys for that pass: (pass, as a uint64 array, as Python ints)."""
         cached = self._pass_keys_cache.get(d)
         if cached is None or cached[0] != passes:
             keys = _round_keys(self.seed, "mix", d, passes, self._sizes[d])
@@ -2320,19 +2335,15 @@ class Mix:
         return cached
 
     def locate(self, i) -> tuple[int, int]:
-        """``(d, j)``: position i of the mixture is item j of source d. O(1), integers only.
+        """``(d, j)``: position i of the mixture is item j of source d. O(depth), integers only.
 
-        >>> pm.Mix([range(10), range(5)], [1, 1], shuffle=False).locate(3)
-        (1, 1)
+            pm.Mix([range(10), range(5)], [1, 1], shuffle=False).locate(3)   # (1, 1)
         """
-        index = self._index(i)
-        periods, p = divmod(index, self._period)
-        d = self._source_view[p]
-        drawn = periods * self._counts[d] + self._rank_view[p]  # how many of source d's draws came before
-        passes, item = divmod(drawn, self._sizes[d])
+        d, k = self._draw(self._index(i))
+        passes, j = divmod(k, self._sizes[d])
         if self.shuffle and self._sizes[d] > 1:
-            item = _permute_one(item, self._sizes[d], self._pass_keys(d, passes)[2])
-        return d, item
+            j = _permute_one(j, self._sizes[d], self._pass_keys(d, passes)[2])
+        return d, j
 
     def __call__(self, i):
         d, j = self.locate(i)
@@ -2340,27 +2351,27 @@ class Mix:
 
     __getitem__ = __call__
 
-    def _locate_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """locate for an int64 array of checked indices: (sources, items), int64 arrays."""
-        periods, p = np.divmod(indices, self._period)
-        d = self._source_of[p].astype(np.int64)
-        drawn = periods * np.array(self._counts, np.int64)[d] + self._rank[p].astype(np.int64)
-        sizes = np.array(self._sizes, np.int64)[d]
-        passes, items = np.divmod(drawn, sizes)
+    def _locate_many(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """locate for many checked indices: (sources, items) as int64 arrays, one _permute a source."""
+        draws = [self._draw(n) for n in indices]
+        d = np.array([source for source, _ in draws], np.int64)
+        k = np.array([draw for _, draw in draws], np.int64)
+        sizes = np.array(self._sizes, np.int64)[d] if len(d) else d
+        passes, items = np.divmod(k, np.maximum(sizes, 1))
         if self.shuffle:
-            runs = np.stack([d, passes], axis=1)
-            for source, pass_ in np.unique(runs, axis=0).tolist():  # one _permute per (source, pass)
-                where = (d == source) & (passes == pass_)
+            for source in np.unique(d).tolist():  # each item with its own pass's keys
+                where = np.flatnonzero(d == source)
+                runs, run_of = np.unique(passes[where], return_inverse=True)
+                keys = np.stack([self._pass_keys(source, run)[1] for run in runs.tolist()], axis=1)
                 items[where] = _permute(items[where].astype(np.uint64), self._sizes[source],
-                                        self._pass_keys(source, pass_)[1]).astype(np.int64)
+                                        keys[:, run_of.reshape(-1)]).astype(np.int64)
         return d, items
 
     def __getitems__(self, indices) -> list:
         """A batch, in the order asked: each source's ``__getitems__`` called once with its share
         of the batch (its ``__getitem__`` an item where it has none). DataLoader uses this."""
-        checked = np.array([self._index(i) for i in indices], np.int64)
-        sources, items = self._locate_many(checked)
-        batch = [None] * len(checked)
+        sources, items = self._locate_many([self._index(i) for i in indices])
+        batch = [None] * len(sources)
         for d in np.unique(sources).tolist():
             where = np.flatnonzero(sources == d).tolist()
             wanted, source = items[where].tolist(), self._sources[d]
@@ -2376,11 +2387,11 @@ class Mix:
 
     @property
     def weights(self) -> tuple[float, ...]:
-        """Each source's share as drawn, after rounding (``count / period``): sums to 1."""
-        return tuple(count / self._period for count in self._counts)
+        """Each source's share, normalised (as floats; the mixture keeps them exact)."""
+        return tuple(float(share) for share in self._shares)
 
     def __reduce__(self):
-        # the arguments only: the period's table is rebuilt by the receiver, not sent
+        # the arguments only: the receiver builds its tree again, in microseconds
         return _rebuilt_mix, (self._sources, self._weights, self.seed, self._length, self.shuffle)
 
     def __repr__(self) -> str:

@@ -108,21 +108,22 @@ def test_every_prefix_keeps_each_source_within_an_item_of_its_weight(weights):
     mix = pm.Mix([Tagged(d) for d in range(len(weights))], weights, length=n)
     ours = prefix_deviation(drawn_sources(mix, n), weights)
     reference = prefix_deviation(reference_blend(weights, n), weights).max()
-    # the blend's own error (as Megatron's table, about an item), plus the weights' rounding:
-    # under one item in 65,536 positions, and none where the weights are fractions of 65,536 or less
-    rounding = 0 if all(float(w).is_integer() or len(repr(float(w))) < 8 for w in weights) else 2**-16
-    assert reference < 1.5  # about an item: a greedy blend is never perfect
-    assert (ours <= max(reference, 1.0) + 1e-9 + rounding * np.arange(1, n + 1)).all()
+    # about an item, as Megatron's table: no blend is perfect, and the weights are never rounded,
+    # so the deviation does not grow with the prefix
+    assert reference < 1.5 and ours.max() < 1.5 and ours.max() <= max(reference, 1.0) + 0.3
+    assert ours[n // 2:].max() < 1.5  # (the weights are not rounded: no drift along the mixture)
 
 
-def test_weights_are_kept_exact_or_rounded_below_one_item_in_65536():
+def test_weights_are_kept_exact():
     assert pm.Mix([range(10)] * 2, [0.7, 0.3]).weights == (0.7, 0.3)
     assert pm.Mix([range(10)] * 3, [1, 2, 1]).weights == (0.25, 0.5, 0.25)
     weights = np.random.default_rng(3).random(10)
     shares = np.array(pm.Mix([range(10)] * 10, weights).weights)
-    assert math.isclose(shares.sum(), 1) and (np.abs(shares - weights / weights.sum()) < 2**-16).all()
-    tiny = pm.Mix([Tagged(0), Tagged(1)], [1, 2**-18], length=2**19)  # below 2^-16: a finer period
-    assert 0 < tiny.weights[1] < 2**-17 and (drawn_sources(tiny, 2**19) == 1).sum() == 2
+    assert math.isclose(shares.sum(), 1) and np.allclose(shares, weights / weights.sum(), rtol=1e-15, atol=0)
+    tiny = pm.Mix([Tagged(0), Tagged(1)], [1, 2**-30], length=2**33)  # one item in a billion, no rounding
+    assert [tiny.drawn(1, n) for n in (2**29, 2**30 + 2**29, 2**33)] == [0, 1, 8]
+    mix = pm.Mix([Tagged(0), Tagged(1), Tagged(2)], [1 / 3, 1 / 3, 1 / 3], length=10**15)
+    assert all(abs(mix.drawn(d, 10**15) - 10**15 // 3) <= 1 for d in range(3))
 
 
 def test_a_source_of_weight_zero_is_never_drawn():
@@ -177,7 +178,7 @@ def test_default_length_uses_the_scarcest_source_exactly_once():
 # ---------------------------------------------------------------- determinism and cost
 
 PINNED = [(0, (0, 960520818)), (1, (1, 5417)), (12345, (1, 10460)), (10**6 + 7, (2, 1)),
-          (10**12 - 1, (0, 623286448)), (-5, (1, 8523))]
+          (10**12 - 1, (1, 8094)), (-5, (1, 8523))]
 
 
 def pinned_mix():
@@ -232,7 +233,6 @@ def test_a_trillion_positions_over_billion_item_sources_take_a_few_mib(sources):
     ([range(3)], [1, 1], ValueError),
     ([], [], ValueError),
     ([range(3), range(0)], [1, 1], ValueError),
-    ([range(3), range(3)], [1, 2**-21], ValueError),
     ([range(3), range(3)], [1, True], TypeError),
     ([range(3), range(3)], [1, "0.5"], TypeError),
     ([range(3), range(3)], [1, None], TypeError),
