@@ -2290,9 +2290,13 @@ class Mix:
         longest = MIX_MAX_LENGTH - 1
         for d in self._paths:
             size, share = self._sizes[d], self._shares[d]
-            low, high = 0, min(MIX_MAX_LENGTH - 1, math.ceil((size + 2) / share))  # drawn(d, high) > size
+            low, high = 0, min(MIX_MAX_LENGTH - 1, math.ceil((size + 2) / share))
+            while self.drawn(d, high) <= size:  # (rarely: only where a source strays an item or more)
+                if high == MIX_MAX_LENGTH - 1:
+                    break
+                high = min(MIX_MAX_LENGTH - 1, 2 * high)
             if self.drawn(d, high) <= size:
-                continue
+                continue  # never used up within the longest mixture there can be
             while high - low > 1:  # drawn(d, low) <= size < drawn(d, high)
                 middle = (low + high) // 2
                 low, high = (middle, high) if self.drawn(d, middle) <= size else (low, middle)
