@@ -2137,8 +2137,9 @@ def _split_tree(weights: list) -> tuple[int, list]:
     """The sources of positive weight as a binary tree, built as Huffman's code is (the two lightest
     subtrees joined first, ties to the older): (root, nodes). A node is (2a, b, 2b, heavier, lighter)
     for a share a/b of its positions going to its heavier child (of two even ones, the older); a
-    child is a node's index, or ~d for source d. Joining the lightest first keeps heavy sources near the root and each split's
-    rounding small, so that every source keeps within about an item of its share."""
+    child is a node's index, or ~d for source d. Joining the lightest first keeps heavy sources
+    near the root and the rounding of the splits on a path small: every source keeps within about
+    an item of its share."""
     import heapq
     heap = [(weight, d, ~d) for d, weight in enumerate(weights) if weight > 0]
     heapq.heapify(heap)
@@ -2226,8 +2227,9 @@ class Mix:
     own to its heavier child iff ``round(n * share)`` grows there, and the rounded count is the
     position's rank in that child. So ``locate`` is a walk from the root, integer arithmetic only,
     the same on every machine and numpy version: O(depth), log2 of the sources for even weights,
-    a few µs. Nothing is tabled: memory is O(sources) whatever the length and the sources' sizes,
-    and construction takes microseconds (the default length a binary search a source). It pickles
+    a few µs. Nothing is tabled: memory is O(sources) whatever the length and the sources' sizes
+    (4 KiB for 2, 59 KiB for 100), and construction takes 0.05 ms for 2 sources, 2.4 ms for 100
+    (the default length a binary search a source). It pickles
     as its sources (loaders as their paths) and arguments, so it goes to DataLoader workers, and
     ``pm.Sampler(mix)`` shuffles, shards and resumes it like any dataset.
     """
@@ -2270,13 +2272,16 @@ class Mix:
 
     def drawn(self, d: int, length: int) -> int:
         """How many of the first ``length`` positions draw from source d (within about an item of
-        ``length * weights[d]``), for any length >= 0, past ``len(mix)`` too: O(depth).
+        ``length * weights[d]``), for any length >= 0, past ``len(mix)`` too: O(depth). A source
+        out of range raises IndexError, a negative length ValueError.
 
             pm.Mix([range(10), range(5)], [7, 3]).drawn(1, 100)   # 30
         """
         d, n = operator.index(d), operator.index(length)
-        if not 0 <= d < len(self._sources) or n < 0:
-            raise IndexError(f"Mix: no source {d} among {len(self._sources)}, or length {n} < 0")
+        if not 0 <= d < len(self._sources):
+            raise IndexError(f"Mix: there is no source {d} among {len(self._sources)}")
+        if n < 0:
+            raise ValueError(f"Mix: a length of {n} positions; lengths are >= 0")
         if d not in self._paths:
             return 0
         for node, heavier in self._paths[d]:

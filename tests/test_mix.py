@@ -265,6 +265,11 @@ def test_bad_indices_and_lengths_are_refused():
             pm.Mix([range(4)], [1], length=length)
     with pytest.raises(TypeError):
         pm.Mix([range(4)], [1], length=2.0)
+    with pytest.raises(IndexError, match="no source 2"):
+        mix.drawn(2, 5)
+    with pytest.raises(ValueError, match="lengths are >= 0"):
+        mix.drawn(0, -1)
+    assert (mix.drawn(0, 8), mix.drawn(1, 10**18)) == (4, 5 * 10**17)
 
 
 # ---------------------------------------------------------------- batches
@@ -341,7 +346,9 @@ def test_a_dataloader_with_two_workers_serves_the_mixture(in_tmp):
     from torch.utils.data import DataLoader
     mix = token_mixture(use_windows=False)
     sampler = pm.Sampler(mix, seed=1)
-    loader = DataLoader(mix, sampler=sampler, batch_size=8, num_workers=2, collate_fn=first_values)
+    # spawn: each worker receives the mixture pickled (its loaders as paths), as on macOS and Windows
+    loader = DataLoader(mix, sampler=sampler, batch_size=8, num_workers=2, collate_fn=first_values,
+                        multiprocessing_context="spawn")
     assert [k for batch in loader for k in batch] == [int(mix[i][0]) for i in sampler]
 
 
