@@ -114,6 +114,15 @@ def test_every_prefix_keeps_each_source_within_an_item_of_its_weight(weights):
     assert ours[n // 2:].max() < 1.5  # (the weights are not rounded: no drift along the mixture)
 
 
+def test_no_prefix_strays_two_items_whatever_the_weights():
+    rng = np.random.default_rng(8)
+    cases = [rng.random(int(rng.integers(2, 40))) ** rng.uniform(0.3, 8) + 1e-4 for _ in range(12)]
+    cases += [[2.0**-k for k in range(30)], [1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144]]
+    for weights in cases:
+        mix = pm.Mix([Tagged(d) for d in range(len(weights))], weights, length=20_000)
+        assert prefix_deviation(drawn_sources(mix, 20_000), weights).max() < 2  # the bound Mix proves
+
+
 def test_weights_are_kept_exact():
     assert pm.Mix([range(10)] * 2, [0.7, 0.3]).weights == (0.7, 0.3)
     assert pm.Mix([range(10)] * 3, [1, 2, 1]).weights == (0.25, 0.5, 0.25)
