@@ -78,7 +78,6 @@ def reference_blend(weights, n):
 def prefix_deviation(sources, weights):
     """For each prefix length i (1..n), the largest |count_d(i) - i * w_d| over the sources."""
     w = np.asarray(weights, np.float64) / np.sum(weights)
-    counts = np.zeros(len(w))
     worst = np.zeros(len(sources))
     for d in range(len(w)):  # one source at a time keeps memory at a few arrays of n
         counts = np.cumsum(sources == d)
