@@ -48,7 +48,7 @@ except ImportError:  # Windows: no flock; commits are still atomic per file
 
 __version__ = "1.2.0"
 __all__ = ["build_map", "MapWriter", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array",
-           "MapLoader", "Sampler", "Windows", "map_files", "main"]
+           "MapLoader", "Sampler", "Windows", "Mix", "map_files", "main"]
 
 FORMAT_VERSION = 1
 # A json bigger than this is refused before parsing: a damaged or hostile file must not exhaust memory.
@@ -2730,6 +2730,281 @@ class _ColdWindows(Windows):
             span_bytes = self._span * self._row_bytes
             starts = sorted((self._low + first) * self._row_bytes for first in firsts)  # bytes into the .dat
             _will_need(self._mapping, [(start, start + span_bytes) for start in starts])
+
+
+# ---------------------------------------------------------------- mixtures
+
+# A mixture's length stays below this, so that every position fits an int64.
+MIX_MAX_LENGTH = 1 << 62
+
+
+def _weight_fraction(weight, d: int):
+    """weight as an exact fraction, a float read as its shortest decimal (0.7 is 7/10, not the
+    nearest binary fraction): TypeError unless it is a real number, ValueError unless finite and >= 0."""
+    import numbers
+    from fractions import Fraction
+    if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"Mix: weight {d} must be a real number, not {type(weight).__name__}")
+    if isinstance(weight, numbers.Rational):
+        value = Fraction(int(weight.numerator), int(weight.denominator))
+    elif not math.isfinite(float(weight)):
+        raise ValueError(f"Mix: weight {d} is {weight}; weights must be finite")
+    else:
+        value = Fraction(repr(float(weight)))
+    if value < 0:
+        raise ValueError(f"Mix: weight {d} is {weight}; weights must be >= 0")
+    return value
+
+
+def _split_tree(weights: list) -> tuple[int, list]:
+    """The sources of positive weight as a binary tree, built as Huffman's code is (the two lightest
+    subtrees joined first, ties to the older): (root, nodes). A node is (2a, b, 2b, heavier, lighter)
+    for a share a/b of its positions going to its heavier child (of two even ones, the older); a
+    child is a node's index, or ~d for source d.
+
+    Why Huffman's: each split rounds its heavier child's count to within half an item, and a
+    source's error is the sum over its path of each split's, scaled by the shares below it. The
+    node a source joins first may send it any share s < 1; every node above that gets at most
+    2/3 of its parent's positions (its sibling, joined when it was among the two lightest, weighs
+    at least its heavier half). So the error stays below (1 + s(1 + 2/3 + 4/9 + ...)) / 2 < 2
+    items at every prefix, and about 1 in practice."""
+    import heapq
+    heap = [(weight, d, ~d) for d, weight in enumerate(weights) if weight > 0]
+    heapq.heapify(heap)
+    nodes, age = [], len(weights)
+    while len(heap) > 1:
+        light_weight, _, light = heapq.heappop(heap)
+        heavy_weight, _, heavy = heapq.heappop(heap)
+        if light_weight == heavy_weight:  # even weights: the older first, so that source 0 leads
+            light, heavy = heavy, light
+        share = heavy_weight / (light_weight + heavy_weight)
+        nodes.append((2 * share.numerator, share.denominator, 2 * share.denominator, heavy, light))
+        heapq.heappush(heap, (light_weight + heavy_weight, age, len(nodes) - 1))
+        age += 1
+    return heap[0][2], nodes
+
+
+def _heavier_before(n: int, node: tuple) -> int:
+    """How many of a node's first n positions go to its heavier child: n * a/b rounded half up,
+    within half an item of its share; position n goes there iff this grows from n to n + 1."""
+    twice_a, b, twice_b = node[0], node[1], node[2]
+    return (n * twice_a + b) // twice_b
+
+
+def _mixture_source(source, d: int) -> int:
+    """len(source): TypeError unless it is sized and indexable."""
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise TypeError(f"Mix: source {d} ({type(source).__name__}) must have __len__ and __getitem__")
+    return operator.index(len(source))
+
+
+def _rebuilt_mix(sources, weights, seed, length, shuffle) -> Mix:
+    """Unpickling: the mixture made again from its arguments."""
+    return Mix(sources, weights, seed=seed, length=length, shuffle=shuffle)
+
+
+class Mix:
+    """Several datasets as one, by weight: ``mix[i]`` is ``sources[d][j]``, ``(d, j) = mix.locate(i)``.
+
+    ``pm.Mix([web, code], [0.7, 0.3])``: 70% of the items from ``web``, 30% from ``code``, in a
+    fixed interleaving. Sources are any sized, indexable datasets (loaders, slices, sets, Windows,
+    lists); weights are non-negative finite reals, one a source, normalised, and kept exact, never
+    rounded (a float is read as its shortest decimal: 0.7 is 7/10). At every prefix of the mixture
+    each source's count is within about one item of its share, as Megatron's greedy blend (1.3 at
+    worst in the tests), and provably within 2. A source of weight 0 is never drawn.
+
+    A source's items are drawn in passes: each pass is all of its items, in a fresh order keyed by
+    ``(seed, source, pass)`` with ``shuffle=True``, in stored order with ``shuffle=False``; no
+    item repeats before its source is exhausted, a source is upsampled by more passes and
+    downsampled by stopping mid-pass. ``length`` defaults to the longest in which no item repeats:
+    the scarcest source (the smallest ``len / weight``) drawn exactly once whole, none more.
+
+    Indices follow Python (negative from the end, numpy integers work); out of range raises
+    IndexError, a non-integer TypeError. ``mix.__getitems__(indices)`` groups a batch by source
+    and calls each source's own ``__getitems__`` once (its ``__getitem__`` an item if it has
+    none). Bad weights (negative, NaN or infinite, all zero, not one a source) and an empty source
+    of positive weight raise ValueError; a source without ``__len__`` or ``__getitem__``, or a
+    weight that is not a real number (a bool included), TypeError.
+
+    How: the sources form a binary tree (Huffman's, by weight); each node sends position n of its
+    own to its heavier child iff ``round(n * share)`` grows there, and the rounded count is the
+    position's rank in that child. So ``locate`` is a walk from the root, integer arithmetic only,
+    the same on every machine and numpy version: O(depth), log2 of the sources for even weights,
+    then the source's pass permuted as the Sampler permutes (about 30 µs a ``locate``, 12 µs an
+    item through ``__getitems__``, which permutes a batch at once). Nothing is tabled: memory is O(sources) whatever the length and the sources' sizes
+    (4 KiB for 2, 59 KiB for 100), and construction takes 0.05 ms for 2 sources, 2.4 ms for 100
+    (the default length a binary search a source). It pickles
+    as its sources (loaders as their paths) and arguments, so it goes to DataLoader workers, and
+    ``pm.Sampler(mix)`` shuffles, shards and resumes it like any dataset.
+    """
+
+    def __init__(self, sources, weights, *, seed: int = 0, length: int | None = None, shuffle: bool = True):
+        sources, weights = tuple(sources), tuple(weights)
+        if len(sources) != len(weights):
+            raise ValueError(f"Mix: {len(sources)} sources but {len(weights)} weights; give one weight a source")
+        if not sources:
+            raise ValueError("Mix: no sources; give at least one")
+        sizes = [_mixture_source(source, d) for d, source in enumerate(sources)]
+        fractions = [_weight_fraction(weight, d) for d, weight in enumerate(weights)]
+        total = sum(fractions)
+        if total == 0:
+            raise ValueError("Mix: every weight is 0; give at least one source a positive weight")
+        for d, (size, share) in enumerate(zip(sizes, fractions)):
+            if share > 0 and size == 0:
+                raise ValueError(f"Mix: source {d} is empty but has weight {weights[d]}")
+        self._sources, self._weights, self._sizes = sources, weights, sizes
+        self._shares = [share / total for share in fractions]
+        self.seed, self.shuffle = operator.index(seed), bool(shuffle)
+        self._root, self._nodes = _split_tree(self._shares)
+        self._paths = self._leaf_paths()
+        self._length = self._longest_without_repeats() if length is None else operator.index(length)
+        if not 0 <= self._length < MIX_MAX_LENGTH:
+            raise ValueError(f"Mix: length {self._length} is outside 0..2^62")
+
+    def _leaf_paths(self) -> dict:
+        """Each drawn source's path from the root: [(node, heavier?)], to count its draws."""
+        paths, todo = {}, [(self._root, [])]
+        while todo:
+            child, path = todo.pop()
+            if child < 0:
+                paths[~child] = path
+                continue
+            node = self._nodes[child]
+            todo += [(node[3], path + [(child, True)]), (node[4], path + [(child, False)])]
+        return paths
+
+    def drawn(self, d: int, length: int) -> int:
+        """How many of the first ``length`` positions draw from source d (within about an item of
+        ``length * weights[d]``), for any length >= 0, past ``len(mix)`` too: O(depth). A source
+        out of range raises IndexError, a negative length ValueError.
+
+            pm.Mix([range(10), range(5)], [7, 3]).drawn(1, 100)   # 30
+        """
+        d, n = operator.index(d), operator.index(length)
+        if not 0 <= d < len(self._sources):
+            raise IndexError(f"Mix: there is no source {d} among {len(self._sources)}")
+        if n < 0:
+            raise ValueError(f"Mix: a length of {n} positions; lengths are >= 0")
+        if d not in self._paths:
+            return 0
+        for node, heavier in self._paths[d]:
+            heavy = _heavier_before(n, self._nodes[node])
+            n = heavy if heavier else n - heavy
+        return n
+
+    def _longest_without_repeats(self) -> int:
+        """The default length: the largest L at which no source has been drawn more than len(source)
+        times. A binary search a source (its count only grows with L), from its share's estimate."""
+        longest = MIX_MAX_LENGTH - 1
+        for d in self._paths:
+            size, share = self._sizes[d], self._shares[d]
+            low, high = 0, min(MIX_MAX_LENGTH - 1, math.ceil((size + 2) / share))
+            while self.drawn(d, high) <= size:  # (rarely: only where a source strays an item or more)
+                if high == MIX_MAX_LENGTH - 1:
+                    break
+                high = min(MIX_MAX_LENGTH - 1, 2 * high)
+            if self.drawn(d, high) <= size:
+                continue  # never used up within the longest mixture there can be
+            while high - low > 1:  # drawn(d, low) <= size < drawn(d, high)
+                middle = (low + high) // 2
+                low, high = (middle, high) if self.drawn(d, middle) <= size else (low, middle)
+            longest = min(longest, low)
+        return longest
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _index(self, i) -> int:
+        try:
+            index = operator.index(i)
+        except TypeError:
+            raise TypeError(f"Mix: item indices must be integers, not {type(i).__name__}") from None
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError(f"Mix: item {i} is out of range for a mixture of {self._length} items")
+        return index
+
+    def _draw(self, n: int) -> tuple[int, int]:
+        """Position n (checked) -> (d, k): source d's draw number k, walking the tree from the root."""
+        child, nodes = self._root, self._nodes
+        while child >= 0:
+            twice_a, b, twice_b, heavier, lighter = nodes[child]
+            heavy = (n * twice_a + b) // twice_b  # how many of the node's first n went the heavier way
+            if (n * twice_a + twice_a + b) // twice_b > heavy:
+                child, n = heavier, heavy
+            else:
+                child, n = lighter, n - heavy
+        return ~child, n
+
+    def _keys(self, d: int, passes: int) -> np.ndarray:
+        """The round keys of source d's pass: its order, as the Sampler's permutations are keyed."""
+        return _round_keys(self.seed, "mix", d, passes, self._sizes[d])
+
+    def locate(self, i) -> tuple[int, int]:
+        """``(d, j)``: position i of the mixture is item j of source d. O(depth), integers only.
+
+            pm.Mix([range(10), range(5)], [1, 1], shuffle=False).locate(3)   # (1, 1)
+        """
+        d, k = self._draw(self._index(i))
+        passes, j = divmod(k, self._sizes[d])
+        if self.shuffle:
+            j = int(_permute(np.array([j], np.uint64), self._sizes[d], self._keys(d, passes))[0])
+        return d, j
+
+    def __call__(self, i):
+        d, j = self.locate(i)
+        return self._sources[d][j]
+
+    __getitem__ = __call__
+
+    def _locate_many(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """locate for many checked indices: (sources, items) as int64 arrays, one _permute a source."""
+        draws = [self._draw(n) for n in indices]
+        d = np.array([source for source, _ in draws], np.int64)
+        k = np.array([draw for _, draw in draws], np.int64)
+        sizes = np.array(self._sizes, np.int64)[d] if len(d) else d
+        passes, items = np.divmod(k, np.maximum(sizes, 1))
+        if self.shuffle:
+            for source in np.unique(d).tolist():  # each item with its own pass's keys
+                where = np.flatnonzero(d == source)
+                runs, run_of = np.unique(passes[where], return_inverse=True)
+                keys = np.stack([self._keys(source, run) for run in runs.tolist()], axis=1)
+                items[where] = _permute(items[where].astype(np.uint64), self._sizes[source],
+                                        keys[:, run_of.reshape(-1)]).astype(np.int64)
+        return d, items
+
+    def __getitems__(self, indices) -> list:
+        """A batch, in the order asked: each source's ``__getitems__`` called once with its share
+        of the batch (its ``__getitem__`` an item where it has none). DataLoader uses this."""
+        sources, items = self._locate_many([self._index(i) for i in indices])
+        batch = [None] * len(sources)
+        for d in np.unique(sources).tolist():
+            where = np.flatnonzero(sources == d).tolist()
+            wanted, source = items[where].tolist(), self._sources[d]
+            fetched = source.__getitems__(wanted) if hasattr(source, "__getitems__") else [source[j] for j in wanted]
+            for k, item in zip(where, fetched):
+                batch[k] = item
+        return batch
+
+    @property
+    def sources(self) -> tuple:
+        """The sources, as given."""
+        return self._sources
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Each source's share, normalised (as floats; the mixture keeps them exact)."""
+        return tuple(float(share) for share in self._shares)
+
+    def __reduce__(self):
+        # the arguments only: the receiver builds its tree again, in microseconds
+        return _rebuilt_mix, (self._sources, self._weights, self.seed, self._length, self.shuffle)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{size:,} items × {weight:.4g}" for size, weight in zip(self._sizes, self.weights))
+        order = f"shuffled, seed {self.seed}" if self.shuffle else "in stored order"
+        return f"<picomap.Mix: {self._length:,} items of {len(self._sources)} sources ({parts}; {order})>"
 
 
 # ---------------------------------------------------------------- command line

@@ -81,7 +81,7 @@ def test_readme_quick_example_runs_as_written(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["toy.dat", "toy.json", "toy.starts.npy"]
 
 
-@pytest.mark.parametrize("heading, prints", [("## Recipes", 19), ("## Preparing data in parallel", 5)])
+@pytest.mark.parametrize("heading, prints", [("## Recipes", 22), ("## Preparing data in parallel", 5)])
 def test_readme_sections_run_as_written_and_print_what_they_say(tmp_path, heading, prints):
     pytest.importorskip("torch")  # the recipes use it; CI installs it
     pytest.importorskip("torchdata")  # (the sampling recipe's StatefulDataLoader)
