@@ -55,6 +55,10 @@ FORMAT_VERSION = 1
 MAX_JSON_BYTES = 64 << 20
 # meta may take half of that; the rest is for picomap's own keys, block digests above all.
 MAX_META_BYTES = MAX_JSON_BYTES // 2
+# ... and a json of more commas and brackets than this is refused before parsing, which costs up
+# to ~64 bytes for each: a hostile json of 64 MiB of "[{},{},...]" would take 1.4 GiB.
+MAX_JSON_VALUES = 1 << 22
+MAX_META_VALUES = MAX_JSON_VALUES - (1 << 20)  # room for picomap's keys and block digests
 # build_map copies items into a buffer of this many bytes, then writes and hashes them in one go:
 # large enough that per-call overheads vanish, small enough to stay in cache and keep memory flat.
 BATCH_BYTES = 1 << 20
@@ -258,13 +262,27 @@ def _read_json(json_file: Path, handle) -> dict:
     size = os.fstat(handle.fileno()).st_size
     if size > MAX_JSON_BYTES:
         raise ValueError(f"{json_file}: {size} bytes is more than a picomap json may hold ({MAX_JSON_BYTES})")
+    text = handle.read()
+    values = _json_values(text)
+    if values > MAX_JSON_VALUES:
+        raise ValueError(f"{json_file}: {values:,} commas and brackets, more than a picomap json may hold "
+                         f"({MAX_JSON_VALUES:,}); it is refused before parsing")
     try:
-        raw = json.loads(handle.read())
+        raw = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{json_file}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{json_file}: holds a JSON {type(raw).__name__}, not an object")
     return raw
+
+
+def _json_values(text: bytes | str) -> int:
+    """The commas and opening brackets of a JSON text, counted without parsing: its values number
+    at least half of that (each but the first follows a comma or opens a container, or both), so
+    parsing it costs at most ~64 bytes for each."""
+    if isinstance(text, str):
+        text = text.encode()
+    return text.count(b",") + text.count(b"[") + text.count(b"{") + 1
 
 
 def _check_keys(json_file: Path, raw: dict, required: tuple) -> tuple[str, dict]:
@@ -518,16 +536,20 @@ def _folder_lock(folder: Path, exclusive: bool):
 def _open(path: str | os.PathLike) -> _Map | _Set:
     """Open, check and map the map or set at path, in O(1) time and memory whatever its item count."""
     files = map_files(path)
-    if os.path.lexists(_intent(files)):  # a commit was cut short: finish it first
-        with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
-            _recover(files, folder_fd)
-    # one shared lock for all the files, the fields' too: a commit waits for it, so they are one build's
-    with _folder_lock(files.json.parent, exclusive=False):
-        with _regular_file(files.json) as handle:
-            raw = _read_json(files.json, handle)
-        if "fields" in raw:
-            return _open_set(files, _read_set_json(files.json, raw))
-        return _open_map_files(files, _read_map_json(files.json, raw), follow=True)
+    for _ in range(3):
+        if os.path.lexists(_intent(files)):  # a commit was cut short: finish it first
+            with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
+                _recover(files, folder_fd)
+        # one shared lock for all the files, the fields' too: a commit waits for it, so they are one build's
+        with _folder_lock(files.json.parent, exclusive=False):
+            if os.path.lexists(_intent(files)):  # a commit that failed since: no commit runs under this lock
+                continue
+            with _regular_file(files.json) as handle:
+                raw = _read_json(files.json, handle)
+            if "fields" in raw:
+                return _open_set(files, _read_set_json(files.json, raw))
+            return _open_map_files(files, _read_map_json(files.json, raw), follow=True)
+    raise ValueError(f"{_intent(files)}: commits of this map keep failing; open it again later")
 
 
 def _open_map_files(files: MapFiles, header: _MapJson, follow: bool) -> _Map:
@@ -542,6 +564,8 @@ def _open_map_files(files: MapFiles, header: _MapJson, follow: bool) -> _Map:
 def _open_set(files: MapFiles, header: _SetJson) -> _Set:
     """A set's fields, opened from its build folder: picomap's own files there, never links."""
     folder = _fields_folder(files) / header.build
+    if folder.parent.is_symlink():  # a build would clean up through it, in another set's folder maybe
+        raise ValueError(f"{files.json}: {folder.parent} is a link; a set keeps its fields in a folder of its own")
     try:
         if not stat.S_ISDIR(os.lstat(folder).st_mode):
             raise ValueError(f"{files.json}: {folder} is not a folder (a link, a file or a FIFO); a set's fields "
@@ -702,13 +726,15 @@ def _runs(starts: np.ndarray, row_bytes: int, where: Path):
 # files as temporaries, .NAME.dat.TAG.tmp etc. (a set: its json, and its fields in NAME.fields/TAG),
 # holding an flock on one of them, its claim, while it lives. Then, holding the folder's lock:
 #   1. each file it replaces is hard-linked to a backup, .NAME.dat.TAG.old etc.;
-#   2. an intent, .NAME.json.commit, names the build and its files; it is fsynced with the folder;
-#   3. the temporaries are renamed into place, json last, and the folder fsynced;
-#   4. the intent, then the backups, are deleted.
+#   2. an intent, .NAME.json.commit, names the build, its files, those that had a predecessor and
+#      the temporaries' inodes; it is fsynced with the folder;
+#   3. the temporaries are renamed into place, json last, and the folder fsynced: committed;
+#   4. the intent, then the backups, are deleted (as best it can: a leftover is finished again).
 # A failure in 3 marks the commit as going back (an empty .NAME.json.TAG.back) and puts the backups
 # back: the old map. Whoever opens or builds the map next and finds an intent finishes it under the
-# lock: forward, renaming what is left, or back if it was going back or forward fails. So at every
-# instant the path holds the old map whole or the new one whole, once the intent is dealt with.
+# lock: forward, renaming what is left, or back if it was going back or going forward fails. Both
+# ways can be run again and again: a file is renamed only from where the intent says it was, and
+# one is removed only if it is the build's own by its inode.
 
 
 class _Staging:
@@ -720,50 +746,71 @@ class _Staging:
         self.files, self.tag, self.is_set = files, secrets.token_hex(6), is_set
         self.temps = MapFiles(*(_sibling(p, self.tag, "tmp") for p in files))
         self.folder = _fields_folder(files) / self.tag if is_set else None  # the set's field maps
-        self.made = _make_folders(files.json.parent)  # removed again if this build fails
-        self.claim: int | None = None
+        self.made, self.claim, self.state = [], None, "writing"  # then "committing", "committed"
         try:
-            # with the folder locked, no other build is committing, cleaning up or making its claim
-            with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
-                _recover(files, folder_fd)
-                _remove_abandoned(files)
-                self.claim = _claim(self.temps.json if is_set else self.temps.dat)
+            for attempt in range(2):  # again if a failed build removed the folder it had made meanwhile
+                self.made += _make_folders(files.json.parent)
+                try:
+                    # with the folder locked, no other build is committing, cleaning up or making its claim
+                    with _folder_lock(files.json.parent, exclusive=True) as folder_fd:
+                        _recover(files, folder_fd)
+                        _remove_abandoned(files)
+                        self.claim = _claim(self.temps.json if is_set else self.temps.dat)
+                    break
+                except FileNotFoundError:
+                    if attempt or files.json.parent.is_dir():
+                        raise
         except BaseException:
             self.discard()
             raise
 
     def commit(self) -> None:
         """Put the written temporaries in place: the json's rename is the moment the new map appears."""
-        parts = [k for k, temp in enumerate(self.temps) if os.path.lexists(temp)]
-        intent, renaming = None, False
+        parts = [2] if self.is_set else [0, 1, 2]
         try:
             if self.is_set:  # the field maps' files were fsynced; now their names
                 _fsync_folder(self.folder)
                 _fsync_folder(self.folder.parent)
-            with _folder_lock(self.files.json.parent, exclusive=True) as folder_fd:
-                _recover(self.files, folder_fd)  # another build's, killed in the middle of its commit
-                for k in parts:  # 1. backups of what is replaced
-                    if os.path.lexists(self.files[k]):
-                        os.link(self.files[k], _sibling(self.files[k], self.tag, "old"))
-                intent = _intent(self.files)
-                with _new_file(intent) as handle:  # 2.
-                    handle.write(json.dumps({"build": self.tag, "files": parts}).encode())
-                _fsync(folder_fd)
-                renaming = True
-                error = _finish_commit(self.files, self.tag, parts, folder_fd)  # 3. and 4.
-                if error is not None:
-                    raise error
-                self._remove_replaced()
         except BaseException:
-            if not renaming and intent is not None:  # nothing renamed yet: the intent goes with the rest
-                with contextlib.suppress(OSError):
-                    os.unlink(intent)
-            if renaming and os.path.lexists(_intent(self.files)):  # going back failed: the next open goes on
-                self._release()
-            else:
-                self.discard()
+            self.discard()
             raise
+        with _folder_lock(self.files.json.parent, exclusive=True) as folder_fd:
+            try:
+                _recover(self.files, folder_fd)  # another build's, killed in the middle of its commit
+                record = self._intend(parts, folder_fd)  # 1. and 2.
+            except BaseException:
+                with contextlib.suppress(OSError):  # (the lock is held: an intent there now is this build's)
+                    if self.state == "committing":
+                        os.unlink(_intent(self.files))
+                self.state = "writing"
+                self.discard()
+                raise
+            error = _finish_commit(self.files, record, folder_fd)  # 3. (raises if it cannot even go back)
+            if error is not None:  # gone back: the old map is in place
+                self.state = "writing"
+                self.discard()
+                raise error
+            self.state = "committed"
+            _forget_commit(self.files, record, folder_fd)  # 4.
+            with contextlib.suppress(OSError):
+                self._remove_replaced()
         self._release()
+
+    def _intend(self, parts: list, folder_fd: int | None) -> dict:
+        """Steps 1 and 2: the backups and the intent, fsynced; returns what the intent says."""
+        for k in parts:
+            if not os.path.lexists(self.temps[k]):  # only ever by hand: a live build's files are kept
+                raise FileNotFoundError(f"{self.temps[k]}: this build's file was removed; nothing was changed")
+        had = [k for k in parts if os.path.lexists(self.files[k])]
+        for k in had:
+            os.link(self.files[k], _sibling(self.files[k], self.tag, "old"))
+        record = {"build": self.tag, "files": parts, "had": had,
+                  "inodes": [list(_inode(self.temps[k])) for k in parts]}
+        self.state = "committing"
+        with _new_file(_intent(self.files)) as handle:
+            handle.write(json.dumps(record).encode())
+        _fsync(folder_fd)
+        return record
 
     def _remove_replaced(self) -> None:
         """With the folder locked, delete what the map now at files no longer uses: a plain map's
@@ -774,7 +821,7 @@ class _Staging:
                 with contextlib.suppress(OSError):
                     os.unlink(stale)
         folder = _fields_folder(self.files)
-        if fcntl is None or not folder.is_dir():
+        if fcntl is None or not folder.is_dir() or folder.is_symlink():  # never clean up through a link
             return
         live = _live_tags(self.files)[0]
         for build in folder.iterdir():  # only what a build writes: never a user's own folder
@@ -784,8 +831,9 @@ class _Staging:
             folder.rmdir()
 
     def discard(self) -> None:
-        """Remove this build's temporaries, and the folders it made; a map in place stays as it was."""
-        if self.claim is not None:  # only a build that made its claim has files to remove
+        """Remove this build's temporaries, and the folders it made; a map in place stays as it was.
+        Once its commit has begun, the files are the commit's: then it only lets go of its claim."""
+        if self.claim is not None and self.state == "writing":
             for own in [*self.temps, *(_sibling(final, self.tag, "old") for final in self.files)]:
                 with contextlib.suppress(OSError):
                     os.unlink(own)
@@ -793,10 +841,11 @@ class _Staging:
                 shutil.rmtree(self.folder, ignore_errors=True)
                 with contextlib.suppress(OSError):  # NAME.fields, if this build made it and nothing else is in it
                     self.folder.parent.rmdir()
-        for folder in self.made:  # deepest first; only if empty: another build may be using it
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        self.made = []
+        if self.state == "writing":
+            for folder in self.made:  # deepest first; only if empty: another build may be using it
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            self.made = []
         self._release()
 
     def _release(self) -> None:
@@ -814,46 +863,62 @@ def _intent(files: MapFiles) -> Path:
     return files.json.with_name(f".{files.json.name}.commit")
 
 
-def _finish_commit(files: MapFiles, tag: str, parts: list, folder_fd: int | None) -> BaseException | None:
-    """Steps 3 and 4 of a commit whose intent is written: forward, or back if it was going back or
-    forward fails. Returns None if it went forward, else the error that sent it back."""
+def _inode(path: Path) -> tuple:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None, None
+    return info.st_dev, info.st_ino
+
+
+def _finish_commit(files: MapFiles, record: dict, folder_fd: int | None) -> BaseException | None:
+    """Step 3 of a commit whose intent is written: forward, or back if it was going back or going
+    forward fails. Returns None once forward (committed), else the error that sent it back."""
+    tag, parts, inodes = record["build"], record["files"], [tuple(i) for i in record["inodes"]]
     going_back, error = _sibling(files.json, tag, "back"), None
     if not os.path.lexists(going_back):
         try:
-            for k in parts:
-                if os.path.lexists(_sibling(files[k], tag, "tmp")):
-                    os.replace(_sibling(files[k], tag, "tmp"), files[k])
+            for k, inode in zip(parts, inodes):
+                temp = _sibling(files[k], tag, "tmp")
+                if os.path.lexists(temp):
+                    os.replace(temp, files[k])
+                elif _inode(files[k]) != inode:  # neither in place nor where it was
+                    raise FileNotFoundError(f"{temp}: missing, so the commit of build {tag} goes back")
             _fsync(folder_fd)
-            _forget_commit(files, tag, parts)
             return None
         except BaseException as e:  # Ctrl-C too: the old map is put back before it goes on
             error = e
             with _new_file(going_back):
                 pass
             _fsync(folder_fd)
-    _roll_back(files, tag, parts, folder_fd)
-    return error or ValueError(f"{_intent(files)}: the commit of build {tag} was going back")
+    _roll_back(files, record, folder_fd)
+    _forget_commit(files, record, folder_fd)
+    return error or ValueError(f"{_intent(files)}: the commit of build {tag} went back")
 
 
-def _roll_back(files: MapFiles, tag: str, parts: list, folder_fd: int | None) -> None:
-    for k in parts:
-        old, temp = _sibling(files[k], tag, "old"), _sibling(files[k], tag, "tmp")
-        if os.path.lexists(old):
-            if not (os.path.lexists(files[k]) and os.path.samefile(old, files[k])):  # (else never replaced)
+def _roll_back(files: MapFiles, record: dict, folder_fd: int | None) -> None:
+    """Put back what the commit replaced, and remove what it put where nothing was."""
+    tag, parts, inodes = record["build"], record["files"], [tuple(i) for i in record["inodes"]]
+    for k, inode in zip(parts, inodes):
+        old = _sibling(files[k], tag, "old")
+        if k in record["had"]:
+            if os.path.lexists(old) and _inode(old) != _inode(files[k]):
                 os.replace(old, files[k])
-        elif not os.path.lexists(temp):  # renamed into place, where no file was before
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(files[k])
+        elif _inode(files[k]) == inode:  # this build's own file, where none was before
+            os.unlink(files[k])
     _fsync(folder_fd)
-    _forget_commit(files, tag, parts)
 
 
-def _forget_commit(files: MapFiles, tag: str, parts: list) -> None:
-    """Step 4: the intent first (the commit is over), then what it kept."""
-    os.unlink(_intent(files))
-    for path in [_sibling(files[k], tag, kind) for k in parts for kind in ("old", "tmp")] + [
+def _forget_commit(files: MapFiles, record: dict, folder_fd: int | None) -> None:
+    """Step 4: the intent first (the commit is over), then what it kept. As best it can: a failure
+    here leaves files that a later build removes, or an intent that is finished again, harmlessly."""
+    with contextlib.suppress(OSError):
+        os.unlink(_intent(files))
+        _fsync(folder_fd)
+    tag = record["build"]
+    for path in [_sibling(files[k], tag, kind) for k in record["files"] for kind in ("old", "tmp")] + [
             _sibling(files.json, tag, "back")]:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(path)
 
 
@@ -861,25 +926,38 @@ def _recover(files: MapFiles, folder_fd: int | None) -> None:
     """Finish a commit that a crash or an error interrupted (its intent is still there); the
     caller holds the folder's lock. ValueError naming the intent if it cannot be finished here."""
     intent = _intent(files)
-    try:
-        with _regular_file(intent) as handle:
-            text = handle.read(4096)
-    except FileNotFoundError:
+    if not os.path.lexists(intent):
         return
     try:
-        record = json.loads(text)
-        tag, parts = record["build"], record["files"]
-        valid = _is_hex(tag, 12) and isinstance(parts, list) and all(k in (0, 1, 2) for k in parts)
-    except (ValueError, TypeError, KeyError):
-        valid = False
+        with _regular_file(intent) as handle:
+            text = handle.read(1 << 16)
+    except FileNotFoundError:
+        return
+    except ValueError:
+        raise ValueError(f"{intent}: not a commit intent picomap wrote (a folder, a FIFO or a device); "
+                         "remove it to open or build this map") from None
+    record = _intent_record(text)
     try:
-        if not valid:  # cut short while it was written: no file had been renamed yet
+        if record is None:  # cut short while it was written: no file had been renamed yet
             os.unlink(intent)
-            return
-        _finish_commit(files, tag, parts, folder_fd)
+        elif _finish_commit(files, record, folder_fd) is None:  # (going back, it forgets itself)
+            _forget_commit(files, record, folder_fd)
     except OSError as e:
         raise ValueError(f"{intent}: a commit of this map was interrupted and cannot be finished here ({e}); "
                          "open the map once where its folder can be written") from None
+
+
+def _intent_record(text: bytes) -> dict | None:
+    """An intent's record, checked; None if it is not one picomap wrote whole."""
+    try:
+        record = json.loads(text)
+        parts, had, inodes = record["files"], record["had"], record["inodes"]
+        if _is_hex(record["build"], 12) and parts in ([2], [0, 1, 2]) and set(had) <= set(parts) and \
+                len(inodes) == len(parts) and all(len(i) == 2 and all(map(_is_count, i)) for i in inodes):
+            return record
+    except (ValueError, TypeError, KeyError):
+        pass
+    return None
 
 
 def _make_folders(folder: Path) -> list[Path]:
@@ -923,11 +1001,14 @@ def _raise_if_read_only(error: OSError, folder: Path) -> None:
 
 
 def _is_held(path: Path) -> bool:
-    """Whether some process holds a flock on path (its build is alive). Never blocks, even on a FIFO."""
+    """Whether some process holds a flock on path (its build is alive), or it cannot be told (a file
+    this process may not read): then it is kept. Never blocks, even on a FIFO."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
@@ -1397,6 +1478,8 @@ class _SetWriter:
         unknown = dtypes.keys() - first.keys()
         if unknown:
             raise ValueError(f"dtype= names field(s) {sorted(unknown)} that item 0 lacks (it has {list(first)})")
+        if staging.folder.parent.is_symlink():
+            raise ValueError(f"{staging.folder.parent} is a link; a set keeps its fields in a folder of its own")
         staging.folder.mkdir(parents=True)
         self.staging, self.writers = staging, {}
         for name in first:
@@ -1439,9 +1522,10 @@ def _checked_meta(meta: dict | None, function: str) -> dict:
         text = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{function}: meta must be JSON-serialisable ({e})") from None
-    if len(text) > MAX_META_BYTES:
-        raise ValueError(f"{function}: meta takes {len(text)} bytes of JSON, more than a map's json "
-                         f"keeps for it ({MAX_META_BYTES}); store large things in a file beside the map")
+    if len(text) > MAX_META_BYTES or _json_values(text) > MAX_META_VALUES:
+        raise ValueError(f"{function}: meta takes {len(text)} bytes of JSON, more than a map's json keeps for "
+                         f"it ({MAX_META_BYTES} bytes and {MAX_META_VALUES:,} values; it has "
+                         f"{_json_values(text):,}); store large things in a file beside the map")
     return json.loads(text)
 
 
@@ -2010,10 +2094,16 @@ class _ArrayLoader(MapLoader):
         return self._data[self._begins[i]:self._ends[i]]
 
     def _check_chunk(self, i: int) -> None:
-        """Check the offsets of item i's chunk, and that they fit between the nearest checked chunks
-        on either side: so all items served, before and after, keep to the data and to themselves.
-        A slice has the whole map's loader check the chunks its own chunk's items lie in."""
+        """Check the offsets of item i's chunk: they never decrease, and they lie within the first and
+        last offsets of every aligned run of 2, 4, 8 ... chunks that holds the chunk. The bounds are
+        the same in every process whatever it loaded before, and two chunks that pass lie in two
+        runs side by side, split at an offset between them: so no two items served by any loader of
+        the map, in any process, overlap or leave the data. Example, chunk 5 of 8: its offsets lie
+        within those that begin chunks 4 and 6 (run 4-5), 4 and 8 (4-7), and 0 and 8 (0-7). A slice
+        has the whole map's loader check the chunks its own chunk's items lie in."""
         if self._root is not self:
+            if self._root._is_closed():
+                raise self._closed()
             chunk = i >> CHECK_SHIFT
             first, last = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, self._count) - 1
             for item in (self._first + first, self._first + last):
@@ -2022,16 +2112,19 @@ class _ArrayLoader(MapLoader):
             self._checked[chunk] = 1
             return
         with self._lock:
-            checked, chunk = self._checked, i >> CHECK_SHIFT
-            first, end = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, self._count)
-            left, right = checked.rfind(1, 0, chunk), checked.find(1, chunk + 1, self._chunks)
-            low = int(self._starts[(left + 1) << CHECK_SHIFT if left >= 0 else 0])
-            high = int(self._starts[right << CHECK_SHIFT if right >= 0 else -1])
+            chunk, starts, count = i >> CHECK_SHIFT, self._starts, self._count
+            low, high, run = 0, int(starts[-1]), 2
+            while run < 2 * self._chunks:
+                begin = chunk // run * run
+                low = max(low, int(starts[begin << CHECK_SHIFT]))
+                high = min(high, int(starts[min((begin + run) << CHECK_SHIFT, count)]))
+                run *= 2
+            first, end = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, count)
             try:
-                _check_offsets(self._starts[first:end + 1], self._first + first, low, high, self._files.starts)
+                _check_offsets(starts[first:end + 1], first, low, high, self._files.starts)
             except ValueError as e:
                 raise ValueError(f"{e}: item {self._first + i} is not served; verify_hash tells more") from None
-            checked[chunk] = 1
+            self._checked[chunk] = 1
 
     def _sliced(self, items: slice) -> _ArrayLoader:
         """``load[a:b]``: a loader of items a..b-1, of this one's class, sharing its mappings (no copy).

@@ -18,7 +18,7 @@ from conftest import listing, tokens
 from test_faults import same_items, version_items
 
 PYTHONPATH = str(Path(pm.__file__).parent)
-STEPS = ("link", "replace", "fsync")  # the system calls of a commit a fault is injected into
+STEPS = ("link", "replace", "fsync", "unlink")  # the system calls of a commit a fault is injected into
 
 
 def clips(n, seed):
@@ -39,13 +39,19 @@ def is_whole(got, want) -> bool:
     return len(got) == len(want) and all(same_items(a, b) for a, b in zip(got, want))
 
 
-def commit_calls(kind, folder) -> int:
-    """How many links, renames and fsyncs a clean commit of this kind makes (after its files are written)."""
+def commit_calls(kind, folder) -> list:
+    """The links, renames, fsyncs and unlinks a clean commit of this kind makes, in order."""
     pm.build_map(KINDS[kind](1), folder / "probe", progress=False)
     calls = []
     with inject(lambda name: calls.append(name)):
         pm.build_map(KINDS[kind](2), folder / "probe", progress=False)
-    return len(calls)
+    return calls
+
+
+def committed_after(calls) -> int:
+    """The step after which a commit is done: the folder's fsync after the last rename."""
+    last_rename = max(k for k, name in enumerate(calls) if name == "replace")
+    return calls.index("fsync", last_rename)
 
 
 class inject:
@@ -83,10 +89,12 @@ class inject:
         pm._Staging.commit = self.commit
 
 
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_failure_at_any_step_of_a_commit_leaves_the_old_map_or_the_new_one(in_tmp, kind):
-    steps = commit_calls(kind, in_tmp)
-    assert steps >= (7 if kind == "map" else 6)  # 3 links, 3 renames and 3 fsyncs for a map
+def test_a_failure_at_any_step_of_a_commit_leaves_the_old_map_or_the_new_one(in_tmp, kind, error):
+    calls_of_a_commit = commit_calls(kind, in_tmp)
+    steps, point = len(calls_of_a_commit), committed_after(calls_of_a_commit)
+    assert calls_of_a_commit.count("replace") == (3 if kind == "map" else 1) and steps > point + 1
     old, new = KINDS[kind](3), KINDS[kind](4)
     for k in range(steps):
         pm.build_map(old, "toy", progress=False)
@@ -95,12 +103,18 @@ def test_a_failure_at_any_step_of_a_commit_leaves_the_old_map_or_the_new_one(in_
         def fail_at_k(name):
             calls.append(name)
             if len(calls) == k + 1:
-                raise OSError(5, f"injected failure at {name} #{k}")
-        with inject(fail_at_k), pytest.raises(OSError, match="injected failure"):
-            pm.build_map(new, "toy", progress=False)
+                raise error(5, f"injected failure at {name} #{k}") if error is OSError else error()
+        with inject(fail_at_k):
+            try:
+                pm.build_map(new, "toy", progress=False)
+                raised = False
+            except error:
+                raised = True
         got = read_all("toy")
-        assert is_whole(got, old), f"a failure at step {k} ({calls[-1]}) did not leave the old map"
+        assert is_whole(got, new if k > point else old), f"{error.__name__} at step {k} ({calls[-1]}): not whole"
+        assert raised == (k <= point or error is KeyboardInterrupt)  # an OSError once committed is not the build's
         assert pm.verify_hash("toy", progress=False)
+        pm.build_map(old, "toy", progress=False)  # the next build removes whatever a failed clean-up left
         assert not [name for name in listing(in_tmp) if name.startswith(".toy")], (k, listing(in_tmp))
 
 
@@ -122,7 +136,7 @@ KILL_AT_STEP = """
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_sigkill_at_any_step_of_a_commit_leaves_the_old_map_or_the_new_one(in_tmp, kind):
-    steps = commit_calls(kind, in_tmp)
+    steps = len(commit_calls(kind, in_tmp))
     old, new = KINDS[kind](3), KINDS[kind](4)
     outcomes = []
     for k in range(steps):
@@ -249,9 +263,12 @@ def test_a_commit_left_unfinished_is_finished_by_the_next_reader(in_tmp):
     for suffix in (".dat", ".starts.npy"):  # backups of the old map's files
         os.link(f"toy{suffix}", f".toy{suffix}.{tag}.old")
     os.link("toy.json", f".toy.json.{tag}.old")
+    inodes = [[os.stat(f"next{suffix}").st_dev, os.stat(f"next{suffix}").st_ino]
+              for suffix in (".dat", ".starts.npy", ".json")]
     os.replace("next.dat", "toy.dat")  # the first rename happened
     os.replace("next.starts.npy", f".toy.starts.npy.{tag}.tmp")
     os.replace("next.json", f".toy.json.{tag}.tmp")
-    Path(".toy.json.commit").write_text(json.dumps({"build": tag, "files": [0, 1, 2]}))
+    Path(".toy.json.commit").write_text(json.dumps({"build": tag, "files": [0, 1, 2], "had": [0, 1, 2],
+                                                    "inodes": inodes}))
     assert is_whole(read_all("toy"), new)
     assert listing(in_tmp) == ["toy.dat", "toy.json", "toy.starts.npy"]

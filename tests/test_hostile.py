@@ -149,3 +149,28 @@ def test_a_set_copied_without_its_fields_folder_says_so(in_tmp):
     shutil.copytree("ds.fields", "copy/ds.fields")
     assert pm.verify_hash("copy/ds", progress=False)
     assert json.loads(Path("copy/ds.json").read_text())["count"] == 3
+
+
+def test_a_json_of_millions_of_tiny_values_is_refused_before_parsing(in_tmp):
+    """64 MiB of "[{},{},...]" would take 1.4 GiB to parse; it is refused having read the text only."""
+    pm.build_map(tokens(3), "toy", progress=False)
+    header = read_json("toy")
+    Path("toy.json").write_text(json.dumps({**header, "meta": {"junk": [{}] * (pm.MAX_JSON_VALUES + 1)}}))
+    peak = traced_peak(lambda: pytest.raises(ValueError, pm.get_loader_fn, "toy"))
+    assert peak < 40 << 20  # the text itself (12 MiB) and its bytes, never the parsed objects
+    with pytest.raises(ValueError, match="toy.json: 8,388,6[0-9]{2} commas and brackets, more than a picomap json may hold"):
+        pm.get_loader_fn("toy")
+    with pytest.raises(ValueError, match="meta takes .* bytes of JSON, more than a map's json keeps"):
+        pm.build_map(tokens(3), "other", progress=False, meta={"junk": [0] * pm.MAX_META_VALUES})
+
+
+def test_a_sets_fields_folder_that_is_a_link_is_refused(in_tmp):
+    pm.build_map(clips(3, 0), "a", progress=False)
+    pm.build_map(clips(3, 1), "b", progress=False)
+    shutil.rmtree("a.fields")
+    Path("a.fields").symlink_to(Path("b.fields").resolve())  # a's builds would clean up b's folder
+    with pytest.raises(ValueError, match="a.fields is a link; a set keeps its fields in a folder of its own"):
+        pm.get_loader_fn("a")
+    with pytest.raises(ValueError, match="a.fields is a link"):
+        pm.build_map(clips(3, 2), "a", progress=False)
+    assert pm.verify_hash("b", progress=False) and len(list(Path("b.fields").iterdir())) == 1

@@ -481,17 +481,21 @@ def test_damaged_offsets_in_the_middle_refuse_their_items_only(in_tmp):
         _ = load.lengths
 
 
-def test_a_chunk_shifted_whole_is_caught_by_the_nearest_checked_chunks(in_tmp):
+def test_a_chunk_shifted_whole_is_refused_the_same_whatever_was_loaded_before(in_tmp):
     chunk = 1 << pm.CHECK_SHIFT
     write_flat_map("big", 4 * chunk)
     starts = np.load("big.starts.npy")
     starts[chunk + 1:2 * chunk + 1] += chunk + 50  # chunk 1 still rises within itself, but ends after chunk 3 begins
     np.save("big.starts.npy", starts)
-    for order in ([chunk + 5, 3 * chunk + 5], [3 * chunk + 5, chunk + 5]):
-        load, _ = pm.get_loader_fn("big")
-        load(order[0])
-        with pytest.raises(ValueError, match="outside rows .* that the items around them leave"):
-            load(order[1])  # served together, items of the two chunks would overlap
+    for order in ([chunk + 5, 3 * chunk + 5], [3 * chunk + 5, chunk + 5]):  # two loaders, two orders:
+        load, _ = pm.get_loader_fn("big")  # as two DataLoader workers, each with its own loader
+        served = {}
+        for i in order:
+            try:
+                served[i] = load(i)
+            except ValueError as e:
+                assert "outside rows" in str(e) and f"item {i} is not served" in str(e)
+        assert list(served) == [chunk + 5]  # the same verdict in every order: never both, which would overlap
 
 
 DAMAGE_EXAMPLES = 150  # README's Reliability section quotes this
@@ -502,6 +506,8 @@ DAMAGE_EXAMPLES = 150  # README's Reliability section quotes this
        damage=st.lists(st.tuples(st.integers(1, 39), st.integers(0, 200)), max_size=3),
        order=st.lists(st.integers(-40, 39), max_size=60))
 def test_served_items_never_overlap_and_stay_in_the_data(tmp_path_factory, lengths, damage, order):
+    """Whatever the damage and the order of loads, items served by any loaders of one map keep to
+    the data and to themselves."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pm, "CHECK_SHIFT", 2)  # chunks of 4 items, so that a small map has many
         patch.chdir(tmp_path_factory.mktemp("damage"))
@@ -512,20 +518,21 @@ def test_served_items_never_overlap_and_stay_in_the_data(tmp_path_factory, lengt
                 starts[at] = value
         np.save("m.starts.npy", starts)
         valid = bool(np.all(starts[1:] >= starts[:-1]))
-        load, n = pm.get_loader_fn("m")
-        served = []
-        for i in order:
-            if not -n <= i < n:
-                continue
-            try:
-                item = load(i)
-            except ValueError as e:
-                assert not valid and "m.starts.npy" in str(e)
-                continue
-            k = i % n
-            a, b = int(starts[k]), int(starts[k + 1])
-            assert 0 <= a <= b <= starts[-1] and item.tobytes() == load.data[a:b].tobytes()
-            served.append((a, b))
+        served = []  # by two loaders, in opposite orders: two DataLoader workers, say
+        for loader_order in (order, order[::-1]):
+            load, n = pm.get_loader_fn("m")
+            for i in loader_order:
+                if not -n <= i < n:
+                    continue
+                try:
+                    item = load(i)
+                except ValueError as e:
+                    assert not valid and "m.starts.npy" in str(e)
+                    continue
+                k = i % n
+                a, b = int(starts[k]), int(starts[k + 1])
+                assert 0 <= a <= b <= starts[-1] and item.tobytes() == load.data[a:b].tobytes()
+                served.append((a, b))
         for a, b in served:
             assert all(b <= c or d <= a or (a, b) == (c, d) or a == b or c == d for c, d in served)
 
