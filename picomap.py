@@ -1594,20 +1594,24 @@ class MapWriter:
     def append(self, item) -> None:
         """Add one item: an array (or array-like, CPU torch tensor), a str or bytes, or a dict of those."""
         with self._lock:
-            if self._items is None:
-                self._start(isinstance(item, dict), item)
-            try:
-                self._items.add(self._count, item)
-            except BaseException as e:
-                self._discard()
-                self._error = f"{type(e).__name__} at item {self._count}"
-                raise
-            self._count += 1
-            if self._bar is not None:  # as tqdm's own loop does: the bar only moves every miniters items
-                self._unshown += 1
-                if self._unshown >= self._bar.miniters:
-                    self._bar.update(self._unshown)
-                    self._unshown = 0
+            self._add(item)
+
+    def _add(self, item) -> None:
+        """append, for the thread that holds the lock, or that alone sees the writer (build_map's)."""
+        if self._items is None:
+            self._start(isinstance(item, dict), item)
+        try:
+            self._items.add(self._count, item)
+        except BaseException as e:
+            self._discard()
+            self._error = f"{type(e).__name__} at item {self._count}"
+            raise
+        self._count += 1
+        if self._bar is not None:  # as tqdm's own loop does: the bar only moves every miniters items
+            self._unshown += 1
+            if self._unshown >= self._bar.miniters:
+                self._bar.update(self._unshown)
+                self._unshown = 0
 
     def _start(self, is_set: bool, first) -> None:
         """Stage the build and make its writer: a set's from item 0's fields, else a map's."""
@@ -1711,8 +1715,9 @@ def build_map(items: Iterable, path: str | os.PathLike, *, progress: bool = True
         raise TypeError(f"build_map: items is a dict (of keys {list(items)[:5]}); pass an iterable of items, "
                         "e.g. a list of dicts [{'tokens': ..., 'label': ...}, ...] for samples with fields")
     with MapWriter(path, progress=progress, meta=meta, dtype=dtype) as writer:
+        add = writer._add  # no other thread sees this writer: its lock would only cost (20% for tiny items)
         for item in items:
-            writer.append(item)
+            add(item)
     return writer.header
 
 
@@ -2055,13 +2060,14 @@ class _ArrayLoader(MapLoader):
         self._first, self._count, self._rebased, self._root = first, len(starts) - 1, None, root or self
         # memoryviews index to Python ints fast and allocate nothing per item
         self._begins, self._ends = memoryview(starts)[:-1], memoryview(starts)[1:]
-        # A byte a chunk, set once its offsets are checked, then as many again never set. Example,
+        # A flag a chunk, set once its offsets are checked, then as many again never set. Example,
         # 3 chunks: _checked = [c0, c1, c2, 0, 0, 0, 0]. For i = -1, i >> CHECK_SHIFT is -1, whose
-        # byte (the last) is never set: a negative index always takes the slow path, which counts
-        # it from the end, with no test for i < 0 on the fast one. (2 bytes a chunk, whatever the
-        # files claim: 32 MiB at the largest offsets file ext4 holds.)
+        # flag (the last) is never set: a negative index always takes the slow path, which counts
+        # it from the end, with no test for i < 0 on the fast one. (2 bytes a chunk past 2**31
+        # items, whatever the files claim: 32 MiB at the largest offsets file ext4 holds.)
         self._chunks = -(-self._count >> CHECK_SHIFT)
-        self._checked = bytearray(2 * self._chunks + 1)
+        flags = 2 * self._chunks + 1  # a list up to 2 MiB (CPython indexes lists faster), then bytes
+        self._checked = [0] * flags if flags <= 1 << 18 else bytearray(flags)
         self._lock, self._lengths = threading.Lock(), None
         return self
 
@@ -2201,7 +2207,7 @@ class _ArrayLoader(MapLoader):
             starts = self._live("_starts")
             for _ in _runs(starts, self._header.row_bytes, self._files.starts):
                 pass
-            self._checked[:self._chunks] = b"\1" * self._chunks
+            self._checked[:self._chunks] = [1] * self._chunks
             lengths = np.diff(starts)
             lengths.flags.writeable = False
             self._lengths = lengths
