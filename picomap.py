@@ -46,7 +46,7 @@ try:
 except ImportError:  # Windows: no flock; commits are still atomic per file
     fcntl = None
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 __all__ = ["build_map", "MapWriter", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array",
            "MapLoader", "Sampler", "Windows", "Mix", "map_files", "main"]
 
