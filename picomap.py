@@ -55,8 +55,8 @@ FORMAT_VERSION = 1
 MAX_JSON_BYTES = 64 << 20
 # meta may take half of that; the rest is for picomap's own keys, block digests above all.
 MAX_META_BYTES = MAX_JSON_BYTES // 2
-# ... and a json of more commas and brackets than this is refused before parsing, which costs up
-# to ~64 bytes for each: a hostile json of 64 MiB of "[{},{},...]" would take 1.4 GiB.
+# ... and a json of more commas, colons and brackets than this is refused before parsing, which
+# costs up to ~90 bytes for each: a hostile json of 64 MiB of "[{},{},...]" would take 1.4 GiB.
 MAX_JSON_VALUES = 1 << 22
 MAX_META_VALUES = MAX_JSON_VALUES - (1 << 20)  # room for picomap's keys and block digests
 # build_map copies items into a buffer of this many bytes, then writes and hashes them in one go:
@@ -265,8 +265,8 @@ def _read_json(json_file: Path, handle) -> dict:
     text = handle.read()
     values = _json_values(text)
     if values > MAX_JSON_VALUES:
-        raise ValueError(f"{json_file}: {values:,} commas and brackets, more than a picomap json may hold "
-                         f"({MAX_JSON_VALUES:,}); it is refused before parsing")
+        raise ValueError(f"{json_file}: {values:,} commas, colons and brackets, more than a picomap json "
+                         f"may hold ({MAX_JSON_VALUES:,}); it is refused before parsing")
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -277,12 +277,12 @@ def _read_json(json_file: Path, handle) -> dict:
 
 
 def _json_values(text: bytes | str) -> int:
-    """The commas and opening brackets of a JSON text, counted without parsing: its values number
-    at least half of that (each but the first follows a comma or opens a container, or both), so
-    parsing it costs at most ~64 bytes for each."""
+    """The commas, colons and opening brackets of a JSON text, counted without parsing: each value
+    but the first follows a comma or a colon or opens a container, so parsing it costs at most
+    ~90 bytes for each (a key, its value and a dict's slot)."""
     if isinstance(text, str):
         text = text.encode()
-    return text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+    return text.count(b",") + text.count(b":") + text.count(b"[") + text.count(b"{") + 1
 
 
 def _check_keys(json_file: Path, raw: dict, required: tuple) -> tuple[str, dict]:
@@ -545,10 +545,13 @@ def _open(path: str | os.PathLike) -> _Map | _Set:
             if os.path.lexists(_intent(files)):  # a commit that failed since: no commit runs under this lock
                 continue
             with _regular_file(files.json) as handle:
-                raw = _read_json(files.json, handle)
-            if "fields" in raw:
-                return _open_set(files, _read_set_json(files.json, raw))
-            return _open_map_files(files, _read_map_json(files.json, raw), follow=True)
+                raw, read = _read_json(files.json, handle), _identity(handle)[:2]
+            opened = _open_set(files, _read_set_json(files.json, raw)) if "fields" in raw else \
+                _open_map_files(files, _read_map_json(files.json, raw), follow=True)
+            # where the folder could not be locked (one this process may enter, not list), a commit may
+            # have run meanwhile: it holds an intent from before its first rename to after its last
+            if not os.path.lexists(_intent(files)) and _inode(files.json, follow=True) == read:
+                return opened
     raise ValueError(f"{_intent(files)}: commits of this map keep failing; open it again later")
 
 
@@ -725,7 +728,8 @@ def _runs(starts: np.ndarray, row_bytes: int, where: Path):
 # How a build becomes the map at its path (README, "How a build is committed"). A build writes its
 # files as temporaries, .NAME.dat.TAG.tmp etc. (a set: its json, and its fields in NAME.fields/TAG),
 # holding an flock on one of them, its claim, while it lives. Then, holding the folder's lock:
-#   1. each file it replaces is hard-linked to a backup, .NAME.dat.TAG.old etc.;
+#   1. each file it replaces is hard-linked to a backup, .NAME.dat.TAG.old etc. (or, where it may
+#      not be linked, renamed there in step 3, just before its replacement);
 #   2. an intent, .NAME.json.commit, names the build, its files, those that had a predecessor and
 #      the temporaries' inodes; it is fsynced with the folder;
 #   3. the temporaries are renamed into place, json last, and the folder fsynced: committed;
@@ -779,16 +783,16 @@ class _Staging:
                 _recover(self.files, folder_fd)  # another build's, killed in the middle of its commit
                 record = self._intend(parts, folder_fd)  # 1. and 2.
             except BaseException:
-                with contextlib.suppress(OSError):  # (the lock is held: an intent there now is this build's)
-                    if self.state == "committing":
-                        os.unlink(_intent(self.files))
-                self.state = "writing"
-                self.discard()
+                # (the lock is held: an intent there now is this build's; it goes first, for good)
+                if self.state != "committing" or _unlink_for_good(_intent(self.files), folder_fd):
+                    self.state = "writing"
+                    self.discard()
                 raise
             error = _finish_commit(self.files, record, folder_fd)  # 3. (raises if it cannot even go back)
             if error is not None:  # gone back: the old map is in place
-                self.state = "writing"
-                self.discard()
+                if not os.path.lexists(_intent(self.files)):  # (else its files are the next open's)
+                    self.state = "writing"
+                    self.discard()
                 raise error
             self.state = "committed"
             _forget_commit(self.files, record, folder_fd)  # 4.
@@ -802,9 +806,15 @@ class _Staging:
             if not os.path.lexists(self.temps[k]):  # only ever by hand: a live build's files are kept
                 raise FileNotFoundError(f"{self.temps[k]}: this build's file was removed; nothing was changed")
         had = [k for k in parts if os.path.lexists(self.files[k])]
+        moved = []  # backed up by a rename in step 3 instead: files that may not be hard-linked
         for k in had:
-            os.link(self.files[k], _sibling(self.files[k], self.tag, "old"))
-        record = {"build": self.tag, "files": parts, "had": had,
+            try:
+                os.link(self.files[k], _sibling(self.files[k], self.tag, "old"))
+            except OSError as e:  # another user's file under protected_hardlinks; FAT, exFAT
+                if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                moved.append(k)
+        record = {"build": self.tag, "files": parts, "had": had, "moved": moved,
                   "inodes": [list(_inode(self.temps[k])) for k in parts]}
         self.state = "committing"
         with _new_file(_intent(self.files)) as handle:
@@ -863,9 +873,9 @@ def _intent(files: MapFiles) -> Path:
     return files.json.with_name(f".{files.json.name}.commit")
 
 
-def _inode(path: Path) -> tuple:
+def _inode(path: Path, follow: bool = False) -> tuple:
     try:
-        info = os.lstat(path)
+        info = os.stat(path) if follow else os.lstat(path)
     except FileNotFoundError:
         return None, None
     return info.st_dev, info.st_ino
@@ -879,8 +889,10 @@ def _finish_commit(files: MapFiles, record: dict, folder_fd: int | None) -> Base
     if not os.path.lexists(going_back):
         try:
             for k, inode in zip(parts, inodes):
-                temp = _sibling(files[k], tag, "tmp")
+                temp, old = _sibling(files[k], tag, "tmp"), _sibling(files[k], tag, "old")
                 if os.path.lexists(temp):
+                    if k in record.get("moved", ()) and not os.path.lexists(old):
+                        os.replace(files[k], old)
                     os.replace(temp, files[k])
                 elif _inode(files[k]) != inode:  # neither in place nor where it was
                     raise FileNotFoundError(f"{temp}: missing, so the commit of build {tag} goes back")
@@ -910,16 +922,28 @@ def _roll_back(files: MapFiles, record: dict, folder_fd: int | None) -> None:
 
 
 def _forget_commit(files: MapFiles, record: dict, folder_fd: int | None) -> None:
-    """Step 4: the intent first (the commit is over), then what it kept. As best it can: a failure
-    here leaves files that a later build removes, or an intent that is finished again, harmlessly."""
-    with contextlib.suppress(OSError):
-        os.unlink(_intent(files))
-        _fsync(folder_fd)
+    """Step 4: the intent first, for good (the commit is over), then what it kept, its mark of
+    going back last. As best it can: while the intent may remain, nothing it names is touched, so
+    that the next open finishes the commit the same way; other leftovers a later build removes."""
+    if not _unlink_for_good(_intent(files), folder_fd):
+        return
     tag = record["build"]
     for path in [_sibling(files[k], tag, kind) for k in record["files"] for kind in ("old", "tmp")] + [
             _sibling(files.json, tag, "back")]:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def _unlink_for_good(path: Path, folder_fd: int | None) -> bool:
+    """Remove path and fsync its folder; False if either failed (then it may still be there)."""
+    try:
+        os.unlink(path)
+        _fsync(folder_fd)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _recover(files: MapFiles, folder_fd: int | None) -> None:
@@ -953,6 +977,7 @@ def _intent_record(text: bytes) -> dict | None:
         record = json.loads(text)
         parts, had, inodes = record["files"], record["had"], record["inodes"]
         if _is_hex(record["build"], 12) and parts in ([2], [0, 1, 2]) and set(had) <= set(parts) and \
+                set(record.get("moved", [])) <= set(had) and \
                 len(inodes) == len(parts) and all(len(i) == 2 and all(map(_is_count, i)) for i in inodes):
             return record
     except (ValueError, TypeError, KeyError):
@@ -2063,11 +2088,12 @@ class _ArrayLoader(MapLoader):
         # A flag a chunk, set once its offsets are checked, then as many again never set. Example,
         # 3 chunks: _checked = [c0, c1, c2, 0, 0, 0, 0]. For i = -1, i >> CHECK_SHIFT is -1, whose
         # flag (the last) is never set: a negative index always takes the slow path, which counts
-        # it from the end, with no test for i < 0 on the fast one. (2 bytes a chunk past 2**31
-        # items, whatever the files claim: 32 MiB at the largest offsets file ext4 holds.)
+        # it from the end, with no test for i < 0 on the fast one. Up to 2**31 items the flags are a
+        # list (2 MiB at most; CPython indexes lists fastest); past that, whatever the files claim,
+        # anonymous pages that the system provides only as they are set.
         self._chunks = -(-self._count >> CHECK_SHIFT)
-        flags = 2 * self._chunks + 1  # a list up to 2 MiB (CPython indexes lists faster), then bytes
-        self._checked = [0] * flags if flags <= 1 << 18 else bytearray(flags)
+        flags = 2 * self._chunks + 1
+        self._checked = [0] * flags if flags <= 1 << 18 else mmap.mmap(-1, flags)
         self._lock, self._lengths = threading.Lock(), None
         return self
 
@@ -2207,7 +2233,7 @@ class _ArrayLoader(MapLoader):
             starts = self._live("_starts")
             for _ in _runs(starts, self._header.row_bytes, self._files.starts):
                 pass
-            self._checked[:self._chunks] = [1] * self._chunks
+            self._checked[:self._chunks] = ([1] if isinstance(self._checked, list) else b"\1") * self._chunks
             lengths = np.diff(starts)
             lengths.flags.writeable = False
             self._lengths = lengths
@@ -2930,10 +2956,12 @@ class Mix:
     position's rank in that child. So ``locate`` is a walk from the root, integer arithmetic only,
     the same on every machine and numpy version: O(depth), log2 of the sources for even weights,
     then the source's pass permuted as the Sampler permutes (about 30 µs a ``locate``, 12 µs an
-    item through ``__getitems__``, which permutes a batch at once). Nothing is tabled: memory is O(sources) whatever the length and the sources' sizes
-    (4 KiB for 2, 59 KiB for 100), and construction takes 0.05 ms for 2 sources, 2.4 ms for 100
-    (the default length a binary search a source). It pickles
-    as its sources (loaders as their paths) and arguments, so it goes to DataLoader workers, and
+    item through ``__getitems__``, which permutes a batch at once). Nothing is tabled: memory is
+    O(sources) whatever the length and the sources' sizes (4 KiB for 2, 59 KiB for 100), and
+    construction takes 0.05 ms for 2 sources, 2.4 ms for 100 of even weights (the default length
+    is a binary search a source, each step a walk of the tree: 1.3 s for 1,000 sources of weights
+    2^-i, whose tree is 1,000 deep; a pickle carries the length, so workers do not search again).
+    It pickles as its sources (loaders as their paths) and arguments, so it goes to DataLoader workers, and
     ``pm.Sampler(mix)`` shuffles, shards and resumes it like any dataset.
     """
 

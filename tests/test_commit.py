@@ -272,3 +272,36 @@ def test_a_commit_left_unfinished_is_finished_by_the_next_reader(in_tmp):
                                                     "inodes": inodes}))
     assert is_whole(read_all("toy"), new)
     assert listing(in_tmp) == ["toy.dat", "toy.json", "toy.starts.npy"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_that_may_not_be_hard_linked_are_backed_up_by_a_rename(in_tmp, monkeypatch, kind):
+    """Another user's file under Linux's protected_hardlinks, or FAT: os.link refuses (EPERM)."""
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+    old, new = KINDS[kind](3), KINDS[kind](4)
+    monkeypatch.setattr(pm.os, "link", refused)
+    pm.build_map(old, "toy", progress=False)
+    pm.build_map(new, "toy", progress=False)  # the rebuild works
+    assert is_whole(read_all("toy"), new)
+    renames = 0
+    while True:  # and a failure at each rename of a commit still leaves the old map or the new one
+        pm.build_map(old, "toy", progress=False)
+        calls = []
+
+        def fail_at_rename(name, k=renames):
+            if name == "replace":
+                calls.append(name)
+                if len(calls) == k + 1:
+                    raise OSError(5, "injected")
+        with inject(fail_at_rename):
+            try:
+                pm.build_map(new, "toy", progress=False)
+                raised = False
+            except OSError:
+                raised = True
+        assert is_whole(read_all("toy"), old if raised else new) and pm.verify_hash("toy", progress=False)
+        if not raised:
+            break
+        renames += 1
+    assert renames == (6 if kind == "map" else 2)  # each file renamed to its backup, then replaced

@@ -97,7 +97,7 @@ def test_a_sparse_offsets_file_claiming_2_to_the_37_items_opens_in_bounded_memor
     peak = traced_peak(lambda: opened.append(pm.get_loader_fn("huge")))
     load, n = opened[0]
     assert n == count and load(count - 1).shape == (0,) and load(-1).shape == (0,)
-    assert peak < 17 << 20  # 2 bytes of flags for every 16,384 items: 16 MiB here (a list took 128 MiB)
+    assert peak < 1 << 20  # flags only as they are set (a list took 128 MiB), in anonymous pages
 
 
 @pytest.mark.parametrize("dtype", ["<i4", ">u8"])
@@ -158,7 +158,8 @@ def test_a_json_of_millions_of_tiny_values_is_refused_before_parsing(in_tmp):
     Path("toy.json").write_text(json.dumps({**header, "meta": {"junk": [{}] * (pm.MAX_JSON_VALUES + 1)}}))
     peak = traced_peak(lambda: pytest.raises(ValueError, pm.get_loader_fn, "toy"))
     assert peak < 40 << 20  # the text itself (12 MiB) and its bytes, never the parsed objects
-    with pytest.raises(ValueError, match="toy.json: 8,388,6[0-9]{2} commas and brackets, more than a picomap json may hold"):
+    with pytest.raises(ValueError, match="toy.json: 8,388,6[0-9]{2} commas, colons and brackets, more than a "
+                                         "picomap json may hold"):
         pm.get_loader_fn("toy")
     with pytest.raises(ValueError, match="meta takes .* bytes of JSON, more than a map's json keeps"):
         pm.build_map(tokens(3), "other", progress=False, meta={"junk": [0] * pm.MAX_META_VALUES})
