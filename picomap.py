@@ -966,6 +966,8 @@ def _recover(files: MapFiles, folder_fd: int | None) -> None:
             os.unlink(intent)
         elif _finish_commit(files, record, folder_fd) is None:  # (going back, it forgets itself)
             _forget_commit(files, record, folder_fd)
+        if os.path.lexists(intent):
+            raise OSError(errno.EIO, "its intent could not be removed")
     except OSError as e:
         raise ValueError(f"{intent}: a commit of this map was interrupted and cannot be finished here ({e}); "
                          "open the map once where its folder can be written") from None
