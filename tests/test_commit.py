@@ -1,5 +1,6 @@
 """The commit protocol: a failure or a SIGKILL at every step of a commit, builds racing on one path,
 threads appending to one writer, and the folders a failed build made."""
+import contextlib
 import json
 import os
 import signal
@@ -305,3 +306,73 @@ def test_files_that_may_not_be_hard_linked_are_backed_up_by_a_rename(in_tmp, mon
             break
         renames += 1
     assert renames == (6 if kind == "map" else 2)  # each file renamed to its backup, then replaced
+
+
+GO_BACK_THEN_DIE = """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import picomap as pm
+    from test_commit import KINDS, inject
+    calls = []
+    def fail_then_die(name):
+        calls.append(name)
+        if name == "replace" and calls.count("replace") == {failing_rename}:
+            raise OSError(5, "injected")  # the commit goes back ...
+        if name == "unlink" and calls.count("replace") >= {failing_rename}:
+            os.kill(os.getpid(), signal.SIGKILL)  # ... and dies before it forgets its intent
+    with inject(fail_then_die):
+        pm.build_map(KINDS["map"](4), "toy", progress=False)
+"""
+
+
+@pytest.mark.parametrize("failing_rename", [2, 3])
+def test_a_commit_that_went_back_and_died_is_not_undone_twice(in_tmp, failing_rename):
+    """The next open finds the intent of a commit already put back: going back again keeps the old map."""
+    old = KINDS["map"](3)
+    pm.build_map(old, "toy", progress=False)
+    script = textwrap.dedent(GO_BACK_THEN_DIE.format(tests=str(Path(__file__).parent), failing_rename=failing_rename))
+    child = subprocess.run([sys.executable, "-c", script], cwd=in_tmp, env={**os.environ, "PYTHONPATH": PYTHONPATH})
+    assert child.returncode == -signal.SIGKILL and Path(".toy.json.commit").exists()
+    assert is_whole(read_all("toy"), old) and pm.verify_hash("toy", progress=False)
+    assert is_whole(read_all("toy"), old)  # and again: nothing more is undone
+    pm.build_map(old, "toy", progress=False)
+    assert not [name for name in listing(in_tmp) if name.startswith(".toy")]
+
+
+def test_a_reader_waiting_for_the_lock_while_a_build_dies_mid_commit_reads_one_map(in_tmp, monkeypatch):
+    """A reader past its first look for an intent, then a build killed after its first rename: the
+    reader's look under the lock finds the intent, and it reads one whole map."""
+    old, new = KINDS["map"](3), KINDS["map"](4)
+    pm.build_map(old, "toy", progress=False)
+    after_first_rename = commit_calls("map", in_tmp).index("replace") + 1
+    script = textwrap.dedent(KILL_AT_STEP.format(tests=str(Path(__file__).parent), k=after_first_rename, kind="map"))
+    real_lock, ran = pm._folder_lock, []
+
+    @contextlib.contextmanager
+    def build_dies_first(folder, exclusive):
+        if not exclusive and not ran:
+            ran.append(subprocess.run([sys.executable, "-c", script], cwd=in_tmp,
+                                      env={**os.environ, "PYTHONPATH": PYTHONPATH}).returncode)
+        with real_lock(folder, exclusive) as fd:
+            yield fd
+    monkeypatch.setattr(pm, "_folder_lock", build_dies_first)
+    got = read_all("toy")
+    assert ran == [-signal.SIGKILL] and (is_whole(got, old) or is_whole(got, new))
+
+
+def test_a_build_keeps_the_files_of_a_build_whose_claim_it_cannot_open(in_tmp, monkeypatch):
+    """Another user's live build, whose temporaries this process may not read: they are kept."""
+    pm.build_map(tokens(3), "toy", progress=False)
+    tag = "0123456789ab"
+    others = [Path(f".toy{suffix}.{tag}.tmp") for suffix in (".dat", ".starts.npy")]
+    for path in others:
+        path.write_bytes(b"x")
+    real_open = os.open
+
+    def unreadable(path, *args, **kwargs):
+        if Path(path).name.startswith(".toy") and tag in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(pm.os, "open", unreadable)
+    pm.build_map(tokens(4), "toy", progress=False)
+    assert all(path.exists() for path in others)
