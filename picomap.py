@@ -20,7 +20,9 @@ import glob
 import io
 import json
 import math
+import heapq
 import mmap
+import numbers
 import operator
 import os
 import re
@@ -1200,8 +1202,8 @@ def _number_misfits(arr: np.ndarray, source: str, dtype: np.dtype, target: str) 
             part = np.empty(0, dtype).real.dtype
             return _real_misfits(real, part) | _real_misfits(imag, part)
         return (imag != 0) | _real_misfits(real, dtype)  # a NaN imaginary part is not zero either
-    if source == "int" and arr.dtype.kind == "V":  # ml_dtypes' small integers: int8/uint8 hold them exactly
-        arr = arr.astype(np.int8 if str(arr.dtype).startswith("int") else np.uint8)
+    if source == "int" and arr.dtype.kind == "V":
+        arr = _small_int(arr)
     if target == "complex":
         return _real_misfits(arr, np.empty(0, dtype).real.dtype)
     return _real_misfits(arr, dtype)
@@ -1219,8 +1221,13 @@ def _real_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return ~np.isfinite(x) | (x != np.floor(x)) | (x < x.dtype.type(low)) | (x >= x.dtype.type(high))
     out = arr.astype(dtype)  # integer (or bool) to integer: wraps, which going back and the sign both see
     if out.dtype.kind == "V":
-        out = out.astype(np.int8 if str(dtype).startswith("int") else np.uint8)
+        out = _small_int(out)
     return (out.astype(arr.dtype) != arr) | ((out < 0) != (arr < 0))
+
+
+def _small_int(arr: np.ndarray) -> np.ndarray:
+    """ml_dtypes' int2/int4 (or uint) values as int8 (uint8), which hold them exactly."""
+    return arr.astype(np.int8 if str(arr.dtype).startswith("int") else np.uint8)
 
 
 def _float_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -1265,15 +1272,19 @@ def _time_misfits(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
             return (~nat & ~in_range) | _time_misfits(days, dtype)
         out = arr.astype(dtype)  # to months: coarser, so it cannot overflow; exact if it goes back
         return (out.astype(arr.dtype) != arr) & ~nat
-    if unit in calendar:
-        ratio = Fraction(calendar[unit] * count, calendar[to_unit] * to_count)
-    else:
-        ratio = Fraction(_TIME_UNITS[unit] * count, _TIME_UNITS[to_unit] * to_count)
+    ratio = Fraction(calendar[unit] * count, calendar[to_unit] * to_count) if unit in calendar else \
+        _unit_ratio(arr.dtype, dtype)
     p, q = ratio.numerator, ratio.denominator
     # exact if a whole number of the new units, and in int64's range (whose lowest value is NaT)
     if q > 2**62:  # (attoseconds to days, say) no int64 but 0 is a whole number of the new units
         return ~nat & (ticks != 0)
     return ~nat & ((ticks % q != 0) | (np.abs(np.where(nat, 0, ticks) // q) > (2**63 - 1) // p))
+
+
+def _unit_ratio(source: np.dtype, target: np.dtype) -> Fraction:
+    """How many of target's time units one of source's is, for units of a fixed length."""
+    (unit, count), (to_unit, to_count) = np.datetime_data(source), np.datetime_data(target)
+    return Fraction(_TIME_UNITS[unit] * count, _TIME_UNITS[to_unit] * to_count)
 
 
 def _ticks(arr: np.ndarray) -> np.ndarray:
@@ -1289,9 +1300,7 @@ def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return arr.real.astype(dtype)
     units = {np.datetime_data(arr.dtype)[0], np.datetime_data(dtype)[0]} if arr.dtype.kind in "Mm" else {""}
     if units <= _TIME_UNITS.keys():
-        (unit, count), (to_unit, to_count) = np.datetime_data(arr.dtype), np.datetime_data(dtype)
-        ratio = Fraction(_TIME_UNITS[unit] * count, _TIME_UNITS[to_unit] * to_count)
-        ticks, native = _ticks(arr), dtype.newbyteorder("=")
+        ratio, ticks, native = _unit_ratio(arr.dtype, dtype), _ticks(arr), dtype.newbyteorder("=")
         if max(ratio.numerator, ratio.denominator) > 2**62:  # every value is 0 or NaT: _time_misfits checked it
             return ticks.copy().view(native).astype(dtype)
         scaled = ticks // ratio.denominator * ratio.numerator  # exact: _time_misfits checked it
@@ -2270,6 +2279,7 @@ class _ColdLoader(_ArrayLoader):
     __getitem__ = __call__
 
     def __getitems__(self, indices) -> list:
+        indices = list(indices)  # (an iterator would be used up by the first pass)
         items = [_ArrayLoader.__call__(self, i) for i in indices]
         self._fetch(sorted(self._bytes_of(i) for i, item in zip(indices, items) if item.nbytes))
         return items
@@ -2337,19 +2347,14 @@ class _ColdTextLoader(_TextLoader, _ColdLoader):
     __slots__ = ()
 
     def __call__(self, i, copy: bool = False) -> str | bytes | MapLoader:
-        raw = _ArrayLoader.__call__(self, i)
-        if not isinstance(raw, np.ndarray):  # load[a:b]: a cold text loader too
-            return raw
-        if raw.nbytes:
-            self._fetch([self._bytes_of(i)])
-        return self._decoded(i, raw)
+        raw = _ColdLoader.__call__(self, i)  # its pages asked for, then decoded
+        return self._decoded(i, raw) if isinstance(raw, np.ndarray) else raw  # (load[a:b]: a loader)
 
     __getitem__ = __call__
 
     def __getitems__(self, indices) -> list:
-        raws = [_ArrayLoader.__call__(self, i) for i in indices]
-        self._fetch(sorted(self._bytes_of(i) for i, raw in zip(indices, raws) if raw.nbytes))
-        return [self._decoded(i, raw) for i, raw in zip(indices, raws)]
+        indices = list(indices)
+        return [self._decoded(i, raw) for i, raw in zip(indices, _ColdLoader.__getitems__(self, indices))]
 
 
 class _SetLoader(MapLoader):
@@ -2868,8 +2873,6 @@ MIX_MAX_LENGTH = 1 << 62
 def _weight_fraction(weight, d: int):
     """weight as an exact fraction, a float read as its shortest decimal (0.7 is 7/10, not the
     nearest binary fraction): TypeError unless it is a real number, ValueError unless finite and >= 0."""
-    import numbers
-    from fractions import Fraction
     if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
         raise TypeError(f"Mix: weight {d} must be a real number, not {type(weight).__name__}")
     if isinstance(weight, numbers.Rational):
@@ -2895,7 +2898,6 @@ def _split_tree(weights: list) -> tuple[int, list]:
     2/3 of its parent's positions (its sibling, joined when it was among the two lightest, weighs
     at least its heavier half). So the error stays below (1 + s(1 + 2/3 + 4/9 + ...)) / 2 < 2
     items at every prefix, and about 1 in practice."""
-    import heapq
     heap = [(weight, d, ~d) for d, weight in enumerate(weights) if weight > 0]
     heapq.heapify(heap)
     nodes, age = [], len(weights)
