@@ -993,7 +993,7 @@ def _make_folders(folder: Path) -> list[Path]:
     """Make folder and its missing parents; return those it made, deepest first."""
     missing, at, made = [], folder, []
     while not at.is_dir():
-        if os.path.lexists(at):  # a file, a FIFO or a broken link
+        if os.path.lexists(at) and not at.is_dir():  # a file, a FIFO or a broken link (not a folder made meanwhile)
             raise ValueError(f"{at}: not a folder, where the map's folder {folder} should be")
         missing.append(at)
         at = at.parent
