@@ -1,14 +1,17 @@
 """picomap: a ragged dataset of numpy arrays on disk, verified, loaded as zero-copy views.
 
-A map at base path ``B`` is three files: ``B.dat``, the items' bytes in C order, back to back;
+A map at base path ``B`` is four files: ``B.dat``, the items' bytes in C order, back to back;
 ``B.starts.npy``, ``count + 1`` offsets in rows (item ``i`` is rows ``starts[i]:starts[i+1]``);
-``B.json``, the dtype, trailing shape, counts, content hash and the user's ``meta``. Dict items make
-a set: ``B.json`` naming one such map per field in ``B.fields/BUILD/``. README.md's "File format"
-is the specification of every byte and key, and of the content hash; this module implements it.
+``B.json``, the dtype, trailing shape, counts, content hash and the user's ``meta``;
+``B.digests``, the digest of every 1 MiB piece of the .dat and the offsets, by which a copy
+elsewhere is read piece by piece. Dict items make a set: ``B.json`` naming one such map per field
+in ``B.fields/BUILD/``. README.md's "File format" is the specification of every byte and key, and
+of the content hash; this module implements it.
 
 The sections follow the data: the format (paths, json, dtypes), the content hash, opening a map's
-files, committing a build, writing (build_map, MapWriter), merging (the writer fed whole maps),
-verifying, loading (MapLoader), sampling, and the command line.
+files, opening one at a URL through a local cache, committing a build, writing (build_map,
+MapWriter), merging (the writer fed whole maps), verifying, loading (MapLoader), sampling,
+windows, mixtures, and the command line.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ try:
 except ImportError:  # Windows: no flock; commits are still atomic per file
     fcntl = None
 
-__version__ = "1.3.0"
+__version__ = "1.4.0"
 __all__ = ["build_map", "MapWriter", "merge_maps", "verify_hash", "get_loader_fn", "update_hash_with_array",
            "MapLoader", "Sampler", "Windows", "Mix", "map_files", "main"]
 
@@ -91,7 +94,7 @@ COLD_ABOVE = 0.5
 
 # ---------------------------------------------------------------- format: paths, json, dtypes
 
-_SUFFIXES = (".dat", ".starts.npy", ".json")
+_SUFFIXES = (".dat", ".starts.npy", ".json", ".digests")
 _MAP_KEYS = ("trail_dim", "hash", "dtype", "count", "total_rows")
 _SET_KEYS = ("fields", "build", "hash", "count")
 _EMPTY_LAYOUT = (np.dtype(np.float64), ())  # what a map of no items records; no item depends on it
@@ -115,16 +118,17 @@ _TEXT_KINDS = {kind.name: kind for kind in (
 
 
 class MapFiles(NamedTuple):
-    """The three files of one map."""
+    """The files of one map: its items' bytes, offsets, json, and the digests of their 1 MiB pieces."""
     dat: Path
     starts: Path
     json: Path
+    digests: Path  # absent from maps written before picomap 1.4
 
 
 def map_files(path: str | os.PathLike) -> MapFiles:
-    """The three files of the map at ``path``: its base (``"ds/train"``) or any of its files.
+    """The files of the map at ``path``: its base (``"ds/train"``) or any of its files.
 
-    One trailing ``.dat``, ``.starts.npy`` or ``.json`` is stripped, nothing else:
+    One trailing ``.dat``, ``.starts.npy``, ``.json`` or ``.digests`` is stripped, nothing else:
     ``"v1.2/train.v2"`` names ``v1.2/train.v2.dat`` etc. For a set, only the json of these
     exists: its fields live in the folder ``NAME.fields`` beside it, so copying or deleting a set
     takes that folder too (``shutil.copytree``, ``shutil.rmtree``). Raises TypeError for a path
@@ -136,13 +140,16 @@ def map_files(path: str | os.PathLike) -> MapFiles:
         base = None
     if not isinstance(base, str):
         raise TypeError(f"picomap: path must be a str or os.PathLike of str, not {type(path).__name__}")
+    if _is_url(base):
+        raise ValueError(f"picomap: {base!r} is a URL; picomap reads maps at URLs (get_loader_fn, MapLoader, "
+                         "verify_hash) but builds, merges and opens here local files only")
     for suffix in _SUFFIXES:
         if base.endswith(suffix):
             base = base[:-len(suffix)]
             break
     if os.path.basename(base) in ("", ".", ".."):
         raise ValueError(f"picomap: {os.fspath(path)!r} names a folder, not a map")
-    return MapFiles(Path(base + ".dat"), Path(base + ".starts.npy"), Path(base + ".json"))
+    return MapFiles(*(Path(base + suffix) for suffix in _SUFFIXES))
 
 
 def _fields_folder(files: MapFiles) -> Path:
@@ -240,6 +247,8 @@ class _MapJson(NamedTuple):
     block_digests: list | None = None
     piece_bytes: int | None = None  # None for blocks digested whole (1.0)
     text: str | None = None  # "str" or "bytes" for a map of text items
+    starts_block_bytes: int | None = None  # None for maps written before the .digests file (1.4)
+    starts_block_digests: list | None = None
 
     @property
     def row_bytes(self) -> int:
@@ -264,7 +273,10 @@ def _read_json(json_file: Path, handle) -> dict:
     size = os.fstat(handle.fileno()).st_size
     if size > MAX_JSON_BYTES:
         raise ValueError(f"{json_file}: {size} bytes is more than a picomap json may hold ({MAX_JSON_BYTES})")
-    text = handle.read()
+    return _parse_json(json_file, handle.read())
+
+
+def _parse_json(json_file: Path | str, text: bytes) -> dict:
     values = _json_values(text)
     if values > MAX_JSON_VALUES:
         raise ValueError(f"{json_file}: {values:,} commas, colons and brackets, more than a picomap json "
@@ -323,12 +335,18 @@ def _read_map_json(json_file: Path, raw: dict) -> _MapJson:
     if pieces is not None and not (blocks is not None and _is_count(pieces) and pieces > 0
                                    and block_bytes % pieces == 0):
         raise ValueError(f"{json_file}: piece_bytes must be a positive integer that divides block_bytes")
+    starts_bytes, starts_blocks = raw.get("starts_block_bytes"), raw.get("starts_block_digests")
+    if (starts_bytes is None) != (starts_blocks is None) or starts_blocks is not None and not (
+            pieces is not None and _is_count(starts_bytes) and starts_bytes > 0 and starts_bytes % pieces == 0
+            and isinstance(starts_blocks, list) and all(_is_hex(b, 16) for b in starts_blocks)):
+        raise ValueError(f"{json_file}: starts_block_bytes must be a multiple of piece_bytes and "
+                         "starts_block_digests a list of 16-hex-digit strings, both or neither")
     dtype, text = _dtype_from_json(raw["dtype"], json_file), raw.get("text")
     if text is not None and (text not in _TEXT_KINDS or dtype != np.uint8 or trail):
         raise ValueError(f"{json_file}: text must be \"str\" or \"bytes\", and only for uint8 items of no "
                          f"trailing shape, not {text!r} for {dtype} {tuple(trail)}")
     return _MapJson(dtype, tuple(trail), raw["count"], raw["total_rows"], digest, meta, block_bytes, blocks,
-                    pieces, text)
+                    pieces, text, starts_bytes, starts_blocks)
 
 
 def _read_set_json(json_file: Path, raw: dict) -> _SetJson:
@@ -490,15 +508,15 @@ class _BlockDigests:
             self.hash, self.left = xxhash.xxh3_64(), self.piece_bytes
         return self.digests
 
-    def grouped(self, per_block: int | None = None) -> dict:
-        """The json's keys: pieces grouped into at most MAX_BLOCKS blocks (or per_block pieces a block),
-        a block's digest being the xxh3_64 of its pieces' digests as little-endian uint64s."""
-        pieces = self.pieces()
+    def grouped(self, per_block: int | None = None) -> tuple[int, list]:
+        """The bytes a block and each block's digest: pieces grouped into at most MAX_BLOCKS blocks
+        (or per_block pieces a block), a block's digest being the xxh3_64 of its pieces' digests as
+        little-endian uint64s, as the .digests file holds them."""
+        pieces = np.array(self.pieces(), "<u8")
         per_block = per_block or max(1, -(-len(pieces) // MAX_BLOCKS))
-        digests = [xxhash.xxh3_64(np.array(pieces[k:k + per_block], "<u8").tobytes()).hexdigest()
+        digests = [xxhash.xxh3_64(pieces[k:k + per_block].tobytes()).hexdigest()
                    for k in range(0, len(pieces), per_block)]
-        return {"block_bytes": per_block * self.piece_bytes, "piece_bytes": self.piece_bytes,
-                "block_digests": digests}
+        return per_block * self.piece_bytes, digests
 
 
 # ---------------------------------------------------------------- opening: files, locks, mappings
@@ -510,6 +528,7 @@ class _Map(NamedTuple):
     starts: np.ndarray  # int64, count + 1, mapped; only both ends checked
     data: np.ndarray  # read-only, mapped
     identity: tuple  # the mapped .dat's device, inode, size and mtime: the file, not its name
+    remote: _Remote | None = None  # for a map at a URL, what fetches its pieces into these files
 
 
 class _Set(NamedTuple):
@@ -560,9 +579,10 @@ def _open(path: str | os.PathLike) -> _Map | _Set:
 def _open_map_files(files: MapFiles, header: _MapJson, follow: bool) -> _Map:
     with _regular_file(files.starts, follow) as handle:
         starts = _map_starts(files.starts, handle, header)
+        starts_bytes = os.fstat(handle.fileno()).st_size
     with _regular_file(files.dat, follow) as handle:  # size check and mapping on one handle: one file, never two
         data = _map_rows(handle, files, header)
-        _check_digests(files, header, data.nbytes)
+        _check_digests(files, header, data.nbytes, starts_bytes)
         return _Map(files, header, starts, data, _identity(handle))
 
 
@@ -583,13 +603,16 @@ def _open_set(files: MapFiles, header: _SetJson) -> _Set:
         field_files = map_files(folder / name)
         with _regular_file(field_files.json, follow=False) as handle:
             raw = _read_json(field_files.json, handle)
-        field = _open_map_files(field_files, _read_map_json(field_files.json, raw), follow=False)
-        if field.header.hash != digest or field.header.count != header.count:
-            raise ValueError(f"{files.json}: field {name!r} ({field.files.json}) holds {field.header.count} items "
-                             f"of hash {field.header.hash}, not the {header.count} of hash {digest} the set "
-                             "records: it comes from another build")
-        fields[name] = field
+        fields[name] = _open_map_files(field_files, _read_map_json(field_files.json, raw), follow=False)
+        _check_field(files.json, header, name, digest, fields[name])
     return _Set(files, header, fields)
+
+
+def _check_field(set_json: Path | str, header: _SetJson, name: str, digest: str, field: _Map) -> None:
+    if field.header.hash != digest or field.header.count != header.count:
+        raise ValueError(f"{set_json}: field {name!r} ({field.files.json}) holds {field.header.count} items "
+                         f"of hash {field.header.hash}, not the {header.count} of hash {digest} the set "
+                         "records: it comes from another build")
 
 
 def _regular_file(path: Path, follow: bool = True):
@@ -599,8 +622,8 @@ def _regular_file(path: Path, follow: bool = True):
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (a map is three files side by side: "
-                                "NAME.dat, NAME.starts.npy and NAME.json)") from None
+        raise FileNotFoundError(f"{path}: missing (a map is its files side by side: NAME.dat, "
+                                "NAME.starts.npy, NAME.json and, since picomap 1.4, NAME.digests)") from None
     except IsADirectoryError:  # where a folder cannot be opened at all
         raise ValueError(f"{path}: a folder, not a map file") from None
     except NotADirectoryError:
@@ -611,7 +634,7 @@ def _regular_file(path: Path, follow: bool = True):
         raise ValueError(f"{path}: a link, where a set keeps its own files only") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ValueError(f"{path}: not a regular file (a folder, FIFO or device); a map is three regular files")
+        raise ValueError(f"{path}: not a regular file (a folder, FIFO or device); a map's files are regular files")
     return os.fdopen(fd, "rb")
 
 
@@ -685,17 +708,20 @@ def _map_rows(handle, files: MapFiles, header: _MapJson) -> np.ndarray:
         raise ValueError(f"{files.json}: shape {shape} of {header.dtype} is not a valid array ({e})") from None
 
 
-def _check_digests(files: MapFiles, header: _MapJson, nbytes: int) -> None:
-    """Refuse block digests that do not fit the .dat: as many as its size makes blocks, and pieces
-    few enough (a million, or one a KiB) that locating damage stays one cheap pass."""
+def _check_digests(files: MapFiles, header: _MapJson, nbytes: int, starts_bytes: int) -> None:
+    """Refuse block digests that do not fit the .dat (or the offsets): as many as its size makes
+    blocks, and pieces few enough (a million, or one a KiB) that locating damage stays one cheap pass."""
     if header.block_digests is None:
         return
     piece = header.piece_bytes or header.block_bytes  # 1.0 digested whole blocks
-    blocks = -(-nbytes // header.block_bytes)
-    if len(header.block_digests) != blocks or -(-nbytes // piece) > max(1 << 20, nbytes >> 10):
-        raise ValueError(f"{files.json}: {len(header.block_digests)} block digests of {header.block_bytes} bytes "
-                         f"(pieces of {piece}) do not fit the {nbytes} bytes of {files.dat.name}, which make "
-                         f"{blocks} blocks")
+    for name, size, block_bytes, digests in [(files.dat.name, nbytes, header.block_bytes, header.block_digests), (
+            files.starts.name, starts_bytes, header.starts_block_bytes, header.starts_block_digests)]:
+        if digests is None:  # (offsets digested since 1.4 only)
+            continue
+        blocks = -(-size // block_bytes)
+        if len(digests) != blocks or -(-size // piece) > max(1 << 20, size >> 10):
+            raise ValueError(f"{files.json}: {len(digests)} block digests of {block_bytes} bytes (pieces of "
+                             f"{piece}) do not fit the {size} bytes of {name}, which make {blocks} blocks")
 
 
 def _check_offsets(offsets: np.ndarray, first_item: int, low: int, high: int, where: Path) -> None:
@@ -723,6 +749,505 @@ def _runs(starts: np.ndarray, row_bytes: int, where: Path):
         _check_offsets(offsets, i, 0, int(starts[-1]), where)
         yield i, offsets
         i = j
+
+
+# ---------------------------------------------------------------- maps elsewhere: URLs, pieces, a local cache
+
+# How a map at a URL is read (README, "Maps elsewhere"). Its json is fetched whole, once; its .dat,
+# .starts.npy and .digests are fetched in pieces as items need them: PIECE_BYTES of the .dat and of
+# the offsets, a json block's share of the .digests. Every piece is checked against its digest (a
+# .dat or offsets piece's is in the .digests file, a .digests block's in the json) before it is
+# written into a sparse copy of its file in the cache, CACHE/HASH/NAME.*, at its own offset: items
+# are then views of a mapped local file, as a local map's are. Every process checks a piece again
+# the first time it reads it from the cache, so a piece half-written by a process that died, or
+# damaged since, is fetched again and never served; and no lock is ever taken, so none can hang.
+
+REMOTE_REQUESTS = 8  # requests in flight at once, per process
+REMOTE_RUN_BYTES = 16 << 20  # one request asks for at most this: runs of missing pieces coalesced up to it
+REMOTE_TRIES = 4  # tries of a request that fails transiently (5xx, 429, a timeout, a dropped connection)
+REMOTE_TIMEOUT = 60  # seconds a request may wait for a byte before it is given up, then tried again
+
+
+def _is_url(path) -> bool:
+    return isinstance(path, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
+def _default_cache() -> Path:
+    """$PICOMAP_CACHE, else picomap in the user's cache folder ($XDG_CACHE_HOME or ~/.cache)."""
+    if os.environ.get("PICOMAP_CACHE"):
+        return Path(os.environ["PICOMAP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "picomap"
+
+
+class _Transient(Exception):
+    """A request that failed in a way that trying again may mend."""
+
+
+class _Http:
+    """GETs of whole files or byte ranges over http(s), by the standard library: one connection per
+    thread, made in the process that uses it (none crosses a fork), reused while it lives."""
+
+    def __init__(self):
+        self._local, self._pid = threading.local(), os.getpid()
+
+    def get(self, url: str, span: tuple | None, etag: str | None, hops: int = 0) -> tuple[bytes, str | None, int]:
+        """The bytes of url in ``span`` (start, end), or all of it; its ETag; its size. Redirects
+        (a CDN's, a hub's) are followed, up to 5."""
+        import http.client
+        import urllib.parse
+        parts = urllib.parse.urlsplit(url)
+        headers = {} if span is None else {"Range": f"bytes={span[0]}-{span[1] - 1}"}
+        if etag is not None:
+            headers["If-Match"] = etag
+        connections, key = self._connections(), (parts.scheme, parts.netloc)
+        connection = connections.get(key) or self._connect(connections, parts)
+        try:
+            connection.request("GET", parts.path + ("?" + parts.query if parts.query else ""), headers=headers)
+            response = connection.getresponse()
+            if response.status == 200 and span is not None:  # never read whole: it may be terabytes
+                raise ValueError(f"{url}: the server answered a request for bytes {span[0]}-{span[1] - 1} with the "
+                                 "whole file (it ignores Range); picomap reads maps from servers that serve ranges")
+            limit = MAX_JSON_BYTES if span is None else span[1] - span[0]
+            body = response.read(limit + 1)  # never more than was asked for, whatever the server sends
+            if len(body) > limit:
+                raise ValueError(f"{url}: more than the {limit} bytes asked for" if span else
+                                 f"{url}: more bytes than a picomap json may hold ({MAX_JSON_BYTES})")
+            if span is not None and response.status == 206 and len(body) < limit:  # the connection broke
+                raise http.client.IncompleteRead(body, limit - len(body))
+        except BaseException as e:  # the connection is in no known state: closed, and a new one next time
+            connections.pop(key, None)
+            connection.close()
+            if isinstance(e, (OSError, http.client.HTTPException)):  # refused, reset, timed out, cut short
+                raise _Transient(f"{type(e).__name__}: {e}") from None
+            raise
+        status, location = response.status, response.getheader("Location")
+        if status in (301, 302, 303, 307, 308) and location and hops < 5:
+            return self.get(urllib.parse.urljoin(url, location), span, etag, hops + 1)
+        if status == 429 or status >= 500:
+            raise _Transient(f"HTTP {status} {response.reason}")
+        if status == 404:
+            raise FileNotFoundError(f"{url}: not found (HTTP 404)")
+        if status in (401, 403):
+            raise PermissionError(f"{url}: HTTP {status} {response.reason}: not readable with these credentials")
+        if status == 412:
+            raise ValueError(f"{url}: replaced since this map was opened (its ETag is no longer {etag}); "
+                             "open the map again")
+        if status != (200 if span is None else 206):
+            raise ValueError(f"{url}: HTTP {status} {response.reason}")
+        size = len(body) if span is None else _content_range(url, response.getheader("Content-Range"), span)
+        return body, response.getheader("ETag"), size
+
+    def _connections(self) -> dict:
+        """This thread's open connections, by scheme and host."""
+        if self._pid != os.getpid():  # a forked child: its parent's connections are not its own
+            self._local, self._pid = threading.local(), os.getpid()
+        return self._local.__dict__.setdefault("connections", {})
+
+    @staticmethod
+    def _connect(connections: dict, parts):
+        import http.client
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connections[(parts.scheme, parts.netloc)] = kind(parts.netloc, timeout=REMOTE_TIMEOUT)
+        return connections[(parts.scheme, parts.netloc)]
+
+
+def _content_range(url: str, header: str | None, span: tuple) -> int:
+    """The file's size from a 206's Content-Range, which must be the very range asked for."""
+    found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", (header or "").strip())
+    if not found or (int(found[1]), int(found[2]) + 1) != span:
+        raise ValueError(f"{url}: asked for bytes {span[0]}-{span[1] - 1}, the server sent {header!r}")
+    return int(found[3])
+
+
+class _Fsspec:
+    """GETs through fsspec (s3://, gs://, ...), imported when first used: a filesystem object per
+    process, made in it (fsspec's clients are not fork-safe). Each file's size is read once a
+    process and the json's checked against it; there is no ETag check here: a replaced object
+    fails its pieces' digests instead."""
+
+    def __init__(self, protocol: str):
+        self._protocol, self._fs, self._pid, self._sizes = protocol, None, None, {}
+
+    def get(self, url: str, span: tuple | None, etag: str | None) -> tuple[bytes, str | None, int | None]:
+        try:
+            fs = self._filesystem()
+            if span is None:
+                info = fs.info(url)
+                if info["size"] > MAX_JSON_BYTES:
+                    raise ValueError(f"{url}: more bytes than a picomap json may hold ({MAX_JSON_BYTES})")
+                body = fs.cat_file(url)
+                return body, info.get("ETag"), len(body)
+            if url not in self._sizes:  # once a file and process: what its answers are checked against
+                self._sizes[url] = fs.info(url)["size"]
+            body = fs.cat_file(url, start=span[0], end=span[1])
+        except (FileNotFoundError, PermissionError, ValueError, ImportError):
+            raise
+        except Exception as e:  # each backend raises its own types: all are tried again
+            raise _Transient(f"{type(e).__name__}: {e}") from None
+        if len(body) != span[1] - span[0]:
+            raise ValueError(f"{url}: {len(body)} bytes where bytes {span[0]}-{span[1] - 1} were asked: "
+                             "shorter than its map's json says")
+        return body, None, self._sizes[url]
+
+    def _filesystem(self):
+        if self._pid != os.getpid():
+            try:
+                import fsspec
+            except ImportError:
+                raise ImportError(f"picomap: {self._protocol}:// URLs are read through fsspec: pip install fsspec "
+                                  "and its backend (s3fs, gcsfs, ...)") from None
+            self._fs, self._pid, self._sizes = fsspec.filesystem(self._protocol, skip_instance_cache=True), \
+                os.getpid(), {}
+        return self._fs
+
+
+_SOURCES: dict = {}  # scheme -> its source, one per process and scheme
+_POOL: list = [None, None]  # the pool that runs requests, and the process it belongs to
+
+
+def _source(url: str):
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in _SOURCES:
+        _SOURCES[scheme] = _Http() if scheme in ("http", "https") else _Fsspec(scheme)
+    return _SOURCES[scheme]
+
+
+def _pool():
+    import concurrent.futures
+    if _POOL[1] != os.getpid():  # made in this process: a forked child has no thread of its parent's
+        _POOL[:] = concurrent.futures.ThreadPoolExecutor(REMOTE_REQUESTS, "picomap-fetch"), os.getpid()
+    return _POOL[0]
+
+
+def _request(url: str, span: tuple | None, etag: str | None = None) -> tuple:
+    """source.get, tried again after 0.1, 0.2, 0.4 s while it fails transiently."""
+    for attempt in range(REMOTE_TRIES):
+        try:
+            return _source(url).get(url, span, etag)
+        except _Transient as e:
+            if attempt == REMOTE_TRIES - 1:
+                what = "" if span is None else f" (bytes {span[0]}-{span[1] - 1})"
+                raise ConnectionError(f"{url}{what}: {e}, {REMOTE_TRIES} tries") from None
+            time.sleep(0.1 * 2**attempt)
+
+
+class _ProcessLock:
+    """A threading.Lock made anew in a forked child, where a thread of its parent may have held it."""
+
+    def __init__(self):
+        self._pid, self._lock = os.getpid(), threading.Lock()
+
+    def __enter__(self):
+        if self._pid != os.getpid():
+            self._pid, self._lock = os.getpid(), threading.Lock()
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+
+class _Pieces:
+    """One file of a remote map and its sparse copy in the cache. ``need(units)`` makes those units
+    (its pieces; the .digests file's are blocks) whole in the copy and checked in this process:
+    from the copy where they are whole, else fetched, runs of adjacent ones by one request each."""
+
+    def __init__(self, url: str, path: Path, size: int, units: int, span: Callable, digest: Callable,
+                 group: int = 1):
+        self.url, self.path, self.size, self.units, self.group = url, path, size, units, group
+        self.span, self.digest = span, digest  # unit -> (start, end) in the file; unit -> its xxh3_64
+        self.fd = _sparse_file(path, size)
+        self.mapping = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ) if size else None
+        # a flag a unit, set once checked; past 65,536 units, pages the system gives as they are set
+        self.ready = bytearray(units) if units <= 1 << 16 else mmap.mmap(-1, units)
+        self.etag, self.lock = None, _ProcessLock()
+
+    def need(self, units: Iterable[int]) -> None:
+        ready, group = self.ready, self.group
+        todo = sorted({k for k in units if not ready[k]})
+        if not todo:
+            return
+        if group > 1:  # with its aligned group: small units are fetched many at a time
+            todo = sorted({j for k in todo for j in range(k // group * group, min(k // group * group + group,
+                                                                                  self.units))})
+        with self.lock:  # (threads of one process fetch a piece once)
+            expected = {k: self.digest(k) for k in todo if not ready[k]}
+            missing = [k for k in expected if not self._whole_here(k, expected[k])]
+            for attempt in range(2):  # a piece that does not match its digest is fetched once more
+                missing = [k for bad in _pool().map(lambda run: self._fetch(run, expected), self._runs(missing))
+                           for k in bad]
+            if missing:
+                a, b = self.span(missing[0])
+                raise ValueError(f"{self.url}: bytes {a}-{b - 1} do not match their digest, fetched twice: the "
+                                 "remote map is damaged or was replaced since it was opened")
+
+    def _whole_here(self, k: int, expected: int) -> bool:
+        start, end = self.span(k)
+        with contextlib.suppress(OSError, AttributeError):  # no data there, or no SEEK_DATA: hash it
+            if os.lseek(self.fd, start, os.SEEK_DATA) >= end:
+                return False
+        if xxhash.xxh3_64(self.mapping[start:end]).intdigest() != expected:
+            return False
+        self.ready[k] = 1
+        return True
+
+    def _runs(self, units: list) -> list:
+        """Sorted units as runs [first, last] of adjacent ones, each of at most REMOTE_RUN_BYTES."""
+        runs = []
+        for k in units:
+            if runs and k == runs[-1][1] + 1 and self.span(k)[1] - self.span(runs[-1][0])[0] <= REMOTE_RUN_BYTES:
+                runs[-1][1] = k
+            else:
+                runs.append([k, k])
+        return runs
+
+    def _fetch(self, run: tuple, expected: dict) -> list:
+        """Fetch units run[0]..run[1], write those that match their digests, return those that do not."""
+        start, end = self.span(run[0])[0], self.span(run[1])[1]
+        body, etag, size = _request(self.url, (start, end), self.etag)
+        if size is not None and size != self.size:
+            raise ValueError(f"{self.url}: {size} bytes, where its map's json makes {self.size}: not the file "
+                             "that json describes")
+        if etag and not etag.startswith("W/"):  # a weak tag may not be matched; the digests check all anyway
+            self.etag = self.etag or etag
+        bad = []
+        for k in range(run[0], run[1] + 1):
+            a, b = self.span(k)
+            piece = memoryview(body)[a - start:b - start]
+            if xxhash.xxh3_64(piece).intdigest() != expected[k]:
+                bad.append(k)
+                continue
+            while len(piece):
+                try:
+                    written = os.pwrite(self.fd, piece, a)
+                except OSError as e:
+                    raise OSError(e.errno, f"{self.path}: cannot write fetched bytes {a}-{b - 1} into the cache "
+                                  f"({e.strerror}); free space there or pass cache= another folder") from None
+                piece, a = piece[written:], a + written
+            self.ready[k] = 1
+        return bad
+
+
+def _sparse_file(path: Path, size: int) -> int:
+    """path opened for reading and writing, size bytes long: made sparse if missing (or replaced,
+    by a rename, if it has another size); another process may be making it at the same time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    found = os.fstat(fd).st_size
+    if found not in (0, size):  # never written by picomap for this hash: replaced whole
+        os.close(fd)
+        temp = _sibling(path, secrets.token_hex(6), "tmp")
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        os.replace(temp, path)
+    try:
+        os.ftruncate(fd, size)  # the same size again changes nothing a racing process wrote
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, f"{path}: cannot make a cache file of {size} bytes ({e.strerror})") from None
+    return fd
+
+
+class _Remote:
+    """A remote map's three fetched files, and the one thing a loader asks of them: make these rows
+    (``rows``), these offsets (``offsets``) or everything (``everything``) whole in the cache."""
+
+    def __init__(self, url: str, header: _MapJson, cache: Path, cache_bytes: int | None):
+        self.url, self.cache, self.cache_bytes = url, cache, cache_bytes
+        piece, blocks = header.piece_bytes, [int(d, 16) for d in header.block_digests + header.starts_block_digests]
+        # keyed by the hash and the digests that every cached byte is checked with: another map that
+        # claims the hash, with digests of other bytes, never writes into this one's files
+        key = json.dumps([piece, header.block_bytes, header.starts_block_bytes, blocks]).encode()
+        key = xxhash.xxh3_64(key).hexdigest()
+        folder, name = cache / f"{header.hash}-{key}", url.rsplit("/", 1)[-1]
+        self.files = map_files(folder / name)
+        if cache_bytes is not None:  # a .dat of its own, whose pieces come and go: an uncapped loader's never do
+            self.files = self.files._replace(dat=folder / "capped" / f"{name}.dat")
+        sizes = header.total_rows * header.row_bytes, len(_npy_header(header.count)) + 8 * (header.count + 1)
+        _check_digests(self.files, header, *sizes)  # before any file is made: they fit these sizes
+        counts = [-(-size // piece) for size in sizes]  # pieces of the .dat and of the offsets
+        per_block = header.block_bytes // piece, header.starts_block_bytes // piece
+        self.header_bytes, self.piece = sizes[1] - 8 * (header.count + 1), piece
+
+        def digests_span(k: int) -> tuple:  # block k of the .digests file: the .dat's blocks, then the offsets'
+            part = int(k >= len(header.block_digests))
+            first = k - part * len(header.block_digests)
+            return (8 * (part * counts[0] + min(first * per_block[part], counts[part])),
+                    8 * (part * counts[0] + min((first + 1) * per_block[part], counts[part])))
+
+        # the .digests file is tiny (8 bytes a MiB): fetched 64 KiB at a time, not a block of 8 bytes
+        group = max(1, (1 << 16) // (8 * max(per_block)))
+        self.digests = _Pieces(url + ".digests", self.files.digests, 8 * sum(counts), len(blocks), digests_span,
+                               blocks.__getitem__, group)
+        self.dat, self.starts = (_Pieces(url + suffix, path, size, count, self._piece_span(size),
+                                         self._piece_digest(part * counts[0], part * len(header.block_digests),
+                                                            per_block[part]))
+                                 for part, (suffix, path, size, count) in enumerate(zip(
+                                     (".dat", ".starts.npy"), self.files[:2], sizes, counts)))
+        self.cap = None if cache_bytes is None else _Cap(self.dat, piece, cache_bytes,
+                                                         folder / "capped" / f"{name}.evictions")
+
+    def _piece_span(self, size: int) -> Callable:
+        return lambda k: (k * self.piece, min((k + 1) * self.piece, size))
+
+    def _piece_digest(self, first_digest: int, first_block: int, per_block: int) -> Callable:
+        def digest(k: int) -> int:  # read from the .digests file, once its block is checked
+            self.digests.need([first_block + k // per_block])
+            return struct.unpack_from("<Q", self.digests.mapping, 8 * (first_digest + k))[0]
+        return digest
+
+    def rows(self, spans: Iterable) -> None:
+        """Make these byte spans (start, end) of the .dat whole in the cache."""
+        piece = self.piece
+        self.dat.need(k for start, end in spans for k in range(start // piece, -(-end // piece)))
+
+    def offsets(self, spans: Iterable) -> None:
+        """Make the offsets of these spans (first, end) of item indices whole in the cache."""
+        at, piece = self.header_bytes, self.piece
+        self.starts.need(k for first, end in spans for k in range((at + 8 * first) // piece,
+                                                                   -(-(at + 8 * end) // piece)))
+
+    def everything(self, bar: tqdm | None = None) -> None:
+        """Make all of the map's files whole in the cache, a few requests' worth at a time."""
+        step = REMOTE_REQUESTS * REMOTE_RUN_BYTES // self.piece
+        for pieces in (self.starts, self.dat):
+            for first in range(0, pieces.units, step):
+                pieces.need(range(first, min(first + step, pieces.units)))
+                if bar is not None:
+                    bar.update(pieces.span(min(first + step, pieces.units) - 1)[1] - pieces.span(first)[0])
+
+
+class _Cap:
+    """A remote map's cache held to ``limit`` bytes of items (its .dat; offsets are kept as fetched).
+    Items are then served as copies, made while the pieces they come from are held: a process holds
+    a shared lock (an open file description's, so per loader, not per process) on their bytes of
+    NAME.evictions, and punches a piece out of the .dat only once it locks that piece exclusively,
+    then counts the eviction there. A piece checked before and evicted since has another count:
+    it is checked again. Locks go with the process that holds them: none is left to hang anyone."""
+
+    def __init__(self, pieces: _Pieces, piece: int, limit: int, path: Path):
+        if not hasattr(fcntl, "F_OFD_SETLK") or not sys.platform.startswith("linux"):
+            raise ValueError("picomap: cache_bytes= needs Linux (open file description locks, hole punching)")
+        self.pieces, self.piece, self.limit, self.path = pieces, piece, limit, path
+        self.fd = _sparse_file(path, 8 * max(pieces.units, 1))
+        self.counts = mmap.mmap(self.fd, 8 * max(pieces.units, 1))
+        self.seen: dict = {}  # piece -> its count when this process checked it, least recently used first
+        self.lock, self.local = _ProcessLock(), threading.local()
+
+    @contextlib.contextmanager
+    def held(self, spans: list):
+        """Hold the pieces of these byte spans of the .dat, whole, while the block runs; then evict."""
+        # locks of one description merge: each thread (and, after a fork, each process) holds through
+        # a description of its own, and evicts through another
+        if getattr(self.local, "pid", None) != os.getpid():
+            self.local.holds, self.local.evicting = os.open(self.path, os.O_RDWR), os.open(self.path, os.O_RDWR)
+            self.local.pid = os.getpid()
+        piece, ready, holds = self.piece, self.pieces.ready, self.local.holds
+        units = sorted({k for start, end in spans for k in range(start // piece, -(-end // piece))})
+        _range_lock(holds, fcntl.F_RDLCK, 8 * units[0], 8 * (units[-1] + 1 - units[0]))
+        try:
+            for k in units:
+                if ready[k] and self._count(k) != self.seen.get(k):  # evicted since: maybe fetched again since
+                    ready[k] = 0
+            self.pieces.need(units)
+            with self.lock:
+                for k in units:
+                    self.seen.pop(k, None)
+                    self.seen[k] = self._count(k)
+            yield
+        finally:
+            _range_lock(holds, fcntl.F_UNLCK, 8 * units[0], 8 * (units[-1] + 1 - units[0]))
+        with self.lock:
+            self._evict()
+
+    def _count(self, k: int) -> int:
+        return struct.unpack_from("<Q", self.counts, 8 * k)[0]
+
+    def _evict(self) -> None:
+        """While over the limit, punch out pieces no loader holds: this process's least recently used
+        first, then any other process's. Forget the oldest counts past twice the limit's pieces."""
+        over = os.fstat(self.pieces.fd).st_blocks * 512 - self.limit
+        remembered = 2 * (self.limit // self.piece + 1)  # memory stays bounded whatever the map's size
+        for k in list(self.seen):
+            if over <= 0 and len(self.seen) <= remembered:
+                return
+            del self.seen[k]
+            self.pieces.ready[k] = 0
+            over -= self._punched(k) if over > 0 else 0
+        at = 0
+        while over > 0 and at < self.pieces.size:
+            try:  # the next piece that holds data
+                k = os.lseek(self.pieces.fd, at, os.SEEK_DATA) // self.piece
+            except OSError:  # none left
+                return
+            over -= self._punched(k)
+            at = (k + 1) * self.piece
+
+    def _punched(self, k: int) -> int:
+        """Count piece k as evicted, then punch it out of the .dat, unless a loader holds it; the bytes
+        freed. (Counted first: a process killed in between leaves a piece checked again for nothing.)"""
+        if not _range_lock(self.local.evicting, fcntl.F_WRLCK, 8 * k, 8, wait=False):
+            return 0
+        try:
+            start, end = self.pieces.span(k)
+            struct.pack_into("<Q", self.counts, 8 * k, self._count(k) + 1)
+            _punch_hole(self.pieces.fd, start, end - start)
+            return end - start
+        finally:
+            _range_lock(self.local.evicting, fcntl.F_UNLCK, 8 * k, 8)
+
+
+def _range_lock(fd: int, kind: int, start: int, length: int, wait: bool = True) -> bool:
+    """Lock (or unlock) bytes of a file for this open file description; False if another holds them."""
+    request = struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, start, length, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
+        return True
+    except OSError as e:
+        if wait or e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+
+
+def _punch_hole(fd: int, start: int, length: int) -> None:
+    import ctypes
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, 3, start, length) != 0:  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot punch a piece out of the cache ({os.strerror(code)}); its file system "
+                      "does not free parts of files: use cache_bytes=None or a cache on another file system")
+
+
+def _open_remote(url: str, cache: str | os.PathLike | None, cache_bytes: int | None = None) -> _Map | _Set:
+    """Open the map or set at url: its json fetched, then, for each map, both ends of its offsets."""
+    base = next((url[:-len(suffix)] for suffix in _SUFFIXES if url.endswith(suffix)), url)
+    cache = _default_cache() if cache is None else Path(cache)
+    if cache_bytes is not None and not (_is_count(cache_bytes) and cache_bytes > 0):
+        raise ValueError(f"{url}: cache_bytes must be a positive integer or None, not {cache_bytes!r}")
+    raw = _parse_json(base + ".json", _request(base + ".json", None)[0])
+    if "fields" not in raw:
+        return _open_remote_map(base, _read_map_json(base + ".json", raw), cache, cache_bytes)
+    header = _read_set_json(base + ".json", raw)
+    fields = {}
+    for name, digest in header.fields.items():
+        field_url = f"{base}.fields/{header.build}/{name}"
+        raw = _parse_json(field_url + ".json", _request(field_url + ".json", None)[0])
+        fields[name] = _open_remote_map(field_url, _read_map_json(field_url + ".json", raw), cache, cache_bytes)
+        _check_field(base + ".json", header, name, digest, fields[name])
+    return _Set(map_files(cache / header.hash / base.rsplit("/", 1)[-1]), header, fields)
+
+
+def _open_remote_map(url: str, header: _MapJson, cache: Path, cache_bytes: int | None) -> _Map:
+    if header.starts_block_digests is None:
+        raise ValueError(f"{url}.json: written before picomap 1.4, without the digests of its pieces that a "
+                         "remote map is read with; rewrite it (picomap merge OLD NEW) and upload NEW's files")
+    # what a fetch of one piece, or of one block's digests, may cost: what picomap writes, bounded
+    if header.piece_bytes != PIECE_BYTES or max(header.block_bytes, header.starts_block_bytes) > PIECE_BYTES << 17:
+        raise ValueError(f"{url}.json: pieces of {header.piece_bytes} bytes in blocks of {header.block_bytes} and "
+                         f"{header.starts_block_bytes}; a remote map is read in pieces of {PIECE_BYTES} in blocks of "
+                         f"at most {PIECE_BYTES << 17} (a map of at most 128 TiB)")
+    remote = _Remote(url, header, cache, cache_bytes)
+    remote.offsets([(0, 1), (header.count, header.count + 1)])  # the ends, checked as a local open does
+    return _open_map_files(remote.files, header, follow=True)._replace(remote=remote)
 
 
 # ---------------------------------------------------------------- commit
@@ -772,7 +1297,7 @@ class _Staging:
 
     def commit(self) -> None:
         """Put the written temporaries in place: the json's rename is the moment the new map appears."""
-        parts = [2] if self.is_set else [0, 1, 2]
+        parts = [2] if self.is_set else [0, 1, 3, 2]  # the json last
         try:
             if self.is_set:  # the field maps' files were fsynced; now their names
                 _fsync_folder(self.folder)
@@ -818,9 +1343,14 @@ class _Staging:
                 moved.append(k)
         record = {"build": self.tag, "files": parts, "had": had, "moved": moved,
                   "inodes": [list(_inode(self.temps[k])) for k in parts]}
+        # at the top, the commit of the three files picomap 1.3 knows, which it finishes (leaving at
+        # worst a .digests file that fails verify_hash); this picomap reads the whole record, "all"
+        known = [n for n, k in enumerate(parts) if k != 3]
+        shown = {"build": self.tag, "files": [parts[n] for n in known], "had": [k for k in had if k != 3],
+                 "moved": [k for k in moved if k != 3], "inodes": [record["inodes"][n] for n in known], "all": record}
         self.state = "committing"
         with _new_file(_intent(self.files)) as handle:
-            handle.write(json.dumps(record).encode())
+            handle.write(json.dumps(shown).encode())
         _fsync(folder_fd)
         return record
 
@@ -829,7 +1359,7 @@ class _Staging:
         .dat and offsets if a set replaced it, and the field folders of every other build that is
         not alive (the one replaced, and those of builds killed after committing)."""
         if self.is_set:
-            for stale in (self.files.dat, self.files.starts):
+            for stale in (self.files.dat, self.files.starts, self.files.digests):
                 with contextlib.suppress(OSError):
                     os.unlink(stale)
         folder = _fields_folder(self.files)
@@ -979,12 +1509,13 @@ def _intent_record(text: bytes) -> dict | None:
     """An intent's record, checked; None if it is not one picomap wrote whole."""
     try:
         record = json.loads(text)
+        record = record.get("all", record)
         parts, had, inodes = record["files"], record["had"], record["inodes"]
-        if _is_hex(record["build"], 12) and parts in ([2], [0, 1, 2]) and set(had) <= set(parts) and \
+        if _is_hex(record["build"], 12) and parts in ([2], [0, 1, 3, 2], [0, 1, 2]) and set(had) <= set(parts) and \
                 set(record.get("moved", [])) <= set(had) and \
                 len(inodes) == len(parts) and all(len(i) == 2 and all(map(_is_count, i)) for i in inodes):
             return record
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         pass
     return None
 
@@ -1358,22 +1889,36 @@ def _npy_header(count: int) -> bytes:
 
 
 class _OffsetsFile:
-    """Row offsets streamed into an open .npy file, so no process ever holds them all; the header,
-    which holds their count, is written over its placeholder last."""
+    """Row offsets streamed into a .npy file open for writing and reading, so no process ever holds
+    them all, its pieces digested as they go; the header, which holds their count, is written over
+    its placeholder last, and piece 0, which holds it, read back and digested again."""
 
     def __init__(self, handle):
-        self.handle, self.count, self.end = handle, 0, 0
-        handle.write(_npy_header(0))
+        self.handle, self.count, self.end, self.pieces = handle, 0, 0, _BlockDigests(PIECE_BYTES)
+        self._write(_npy_header(0))
         self.append(np.zeros(1, np.int64))
 
     def append(self, offsets: np.ndarray) -> None:
         """Add offsets (int64, never decreasing, from self.end on)."""
-        self.handle.write(offsets.astype("<u8"))
+        self._write(offsets.astype("<u8"))
         self.count, self.end = self.count + len(offsets), int(offsets[-1])
 
+    def _write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        self.handle.write(data)
+        self.pieces.update(data)
+
     def finish(self) -> None:
+        header, piece = _npy_header(self.count), self.pieces.piece_bytes
         self.handle.seek(0)
-        self.handle.write(_npy_header(self.count))
+        self.handle.write(header)
+        digests = self.pieces.pieces()
+        for k in range(-(-len(header) // piece)):  # the pieces the header lies in, read back 64 KiB at a time
+            self.handle.seek(k * piece)
+            digest = xxhash.xxh3_64()
+            for _ in range(0, piece, 1 << 16):
+                digest.update(self.handle.read(min(1 << 16, (k + 1) * piece - self.handle.tell())))
+            digests[k] = digest.intdigest()
         self.handle.seek(0, os.SEEK_END)
 
 
@@ -1387,7 +1932,7 @@ class _ItemWriter:
 
     def __init__(self, files: MapFiles, dtype: np.dtype | None):
         self.files, self.dat = files, open(files.dat, "wb")
-        self.starts = open(files.starts, "wb")
+        self.starts = open(files.starts, "w+b")
         self.offsets = _OffsetsFile(self.starts)
         self.hash, self.blocks = xxhash.xxh3_128(_MAP_HEAD), _BlockDigests(PIECE_BYTES)
         self.target, self.dtype, self.trail = dtype, None, None  # target: what build_map's dtype= asks
@@ -1485,9 +2030,19 @@ class _ItemWriter:
         self.close()
         self.hash.update(_map_tail(self.text))
         header = _map_json((self.dtype, self.trail, self.text), self.offsets.count - 1, self.offsets.end,
-                           self.hash.hexdigest(), self.blocks.grouped(), meta)
+                           self.hash.hexdigest(), self._write_digests(), meta)
         _write_json(self.files.json, header)
         return header
+
+    def _write_digests(self) -> dict:
+        """Write the .digests file, every piece's digest of the .dat then of the .starts.npy, and
+        return the json's keys that digest its blocks."""
+        with _new_file(self.files.digests, "wb") as handle:
+            for pieces in (self.blocks, self.offsets.pieces):
+                handle.write(np.array(pieces.pieces(), "<u8").tobytes())
+        (block_bytes, blocks), (starts_block_bytes, starts_blocks) = self.blocks.grouped(), self.offsets.pieces.grouped()
+        return {"block_bytes": block_bytes, "piece_bytes": PIECE_BYTES, "block_digests": blocks,
+                "starts_block_bytes": starts_block_bytes, "starts_block_digests": starts_blocks}
 
     def close(self) -> None:
         for handle in (self.dat, self.starts):
@@ -1506,7 +2061,7 @@ class _SetWriter:
         for name in first:
             if not _is_field_name(name):
                 raise ValueError(f"item 0: field name {name!r} cannot name its map's files: use at most 100 "
-                                 "letters, digits, _, - and . (not first), not ending .dat, .json or .starts.npy")
+                                 "letters, digits, _, - and . (not first), not ending .dat, .json, .starts.npy or .digests")
             other = by_case.setdefault(name.lower(), name)  # macOS and Windows would put both in one file
             if other != name:
                 raise ValueError(f"item 0: fields {other!r} and {name!r} differ only in case, which some file "
@@ -1892,7 +2447,7 @@ def _copy_into(source: _Map, target, bar: tqdm) -> None:
 
 # ---------------------------------------------------------------- verifying
 
-def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
+def verify_hash(path: str | os.PathLike, *, progress: bool = True, cache: str | os.PathLike | None = None) -> bool:
     """Recompute the content hash of the map (or set) at ``path``; return True if it matches the json.
 
     Raises ValueError on a mismatch, naming both hashes and, for maps with block digests (all
@@ -1902,7 +2457,7 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
     included. Cost: reads every byte of the map once; memory: one batch, whatever the count.
     It detects accidental damage; it is not a signature against deliberate tampering.
     """
-    opened = _open(path)
+    opened = _open_remote(path, cache) if _is_url(path) else _open(path)
     if isinstance(opened, _Map):
         return _verify_map(opened, progress)
     files, header, fields = opened
@@ -1911,43 +2466,73 @@ def verify_hash(path: str | os.PathLike, *, progress: bool = True) -> bool:
                          f"{_set_hash(header.fields)}; the json's fields were changed")
     for name, field in fields.items():
         try:
-            _verify_map(field, progress)
+            _verify_map(field, progress, follow=False)  # a set's own files, never links
         except ValueError as e:
             raise ValueError(f"{files.json}: field {name!r}: {e}") from None
     return True
 
 
-def _verify_map(opened: _Map, progress: bool) -> bool:
-    files, header, starts, data, _ = opened
+def _verify_map(opened: _Map, progress: bool, follow: bool = True) -> bool:
+    files, header, starts, data = opened[:4]
+    if opened.remote is not None:  # fetched whole into the cache first, each piece checked on the way
+        with tqdm(total=data.nbytes + opened.remote.starts.size, desc=f"fetch {opened.remote.url}", unit="B",
+                  unit_scale=True, disable=not progress) as bar:
+            opened.remote.everything(bar)
+    # the pieces are digested in the same pass as the hash: then damage is located without a second
+    pieces = None if header.block_digests is None else _BlockDigests(header.piece_bytes or header.block_bytes)
     with tqdm(total=data.nbytes, desc=f"verify {files.dat.name}", unit="B", unit_scale=True,
               disable=not progress) as bar:
-        computed = _compute_hash(opened, bar)
-    if computed == header.hash:
-        return True
+        computed = _compute_hash(opened, bar, pieces)
     message = f"{files.json}: hash mismatch: the json says {header.hash}, the data hashes to {computed}"
-    if header.block_digests is None:
-        raise ValueError(f"{message}; {files.dat.name} or {files.starts.name} is damaged or was changed")
-    # only now, a second pass, to locate the damage: the blocks digested as the json says they were
-    blocks = _BlockDigests(header.piece_bytes or header.block_bytes)
-    blocks.update(_as_bytes(data))
-    found = blocks.grouped(header.block_bytes // header.piece_bytes)["block_digests"] if header.piece_bytes \
-        else [f"{digest:016x}" for digest in blocks.pieces()]  # 1.0: each block's bytes digested whole
+    if pieces is None:
+        if computed != header.hash:
+            raise ValueError(f"{message}; {files.dat.name} or {files.starts.name} is damaged or was changed")
+        return True
+    found = pieces.grouped(header.block_bytes // header.piece_bytes)[1] if header.piece_bytes \
+        else [f"{digest:016x}" for digest in pieces.pieces()]  # 1.0: each block's bytes digested whole
     bad = [k for k, (a, b) in enumerate(zip(found, header.block_digests)) if a != b]
-    if not bad:
+    if computed == header.hash and bad:
+        raise ValueError(f"{files.json}: the items hash as the json says, but its digests of blocks {bad[:5]} of "
+                         f"{files.dat.name} differ from the data's: the json was changed; rebuild the map")
+    if computed != header.hash and not bad:
         raise ValueError(f"{message}; every block of {files.dat.name} is intact, so {files.starts.name} or the "
                          "json's dtype, trail_dim or text differ from what was built")
-    items = _damaged_items(starts, header.row_bytes, bad, header.block_bytes)
-    raise ValueError(f"{message}; {files.dat.name} is damaged in {len(bad)} block(s) of {header.block_bytes} "
-                     f"bytes, holding items {items}: rebuild those")
+    if bad:
+        items = _damaged_items(starts, header.row_bytes, bad, header.block_bytes)
+        raise ValueError(f"{message}; {files.dat.name} is damaged in {len(bad)} block(s) of {header.block_bytes} "
+                         f"bytes, holding items {items}: rebuild those")
+    if header.starts_block_digests is not None:
+        _verify_digests_file(files, header, pieces, follow)
+    return True
 
 
-def _compute_hash(opened: _Map, bar: tqdm) -> str:
+def _verify_digests_file(files: MapFiles, header: _MapJson, dat_pieces: _BlockDigests, follow: bool) -> None:
+    """Check the .digests file against the .dat's pieces (digested already) and the offsets' (digested
+    here), and the json's digests of the offsets' blocks: what a remote reader checks pieces with."""
+    starts_pieces = _BlockDigests(header.piece_bytes)
+    with _regular_file(files.starts, follow) as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            starts_pieces.update(chunk)
+    if starts_pieces.grouped(header.starts_block_bytes // header.piece_bytes)[1] != header.starts_block_digests:
+        raise ValueError(f"{files.json}: its digests of {files.starts.name}'s blocks differ from the file's; "
+                         f"{files.starts.name} or the json was changed: rebuild the map")
+    expected = b"".join(np.array(pieces.pieces(), "<u8").tobytes() for pieces in (dat_pieces, starts_pieces))
+    with _regular_file(files.digests, follow) as handle:
+        found = handle.read(len(expected) + 1)
+    if found != expected:
+        raise ValueError(f"{files.digests}: does not hold the digests of the map's pieces ({len(found)} bytes "
+                         f"where {len(expected)} are due): it was changed; rebuild the map")
+
+
+def _compute_hash(opened: _Map, bar: tqdm, pieces: _BlockDigests | None = None) -> str:
     """The content hash of a map's items as its files hold them, every offset checked on the way
-    (ValueError naming the offsets file)."""
+    (ValueError naming the offsets file); the .dat's pieces digested into ``pieces`` on the way."""
     h, data, row_bytes = xxhash.xxh3_128(_MAP_HEAD), opened.data, opened.header.row_bytes
     for _, offsets in _runs(opened.starts, row_bytes, opened.files.starts):
         a, b = int(offsets[0]), int(offsets[-1])
         _update_hash_with_items(h, data[a:b], np.diff(offsets))
+        if pieces is not None:
+            pieces.update(_as_bytes(data[a:b]))
         bar.update((b - a) * row_bytes)
     h.update(_map_tail(opened.header.text))
     return h.hexdigest()
@@ -1970,7 +2555,8 @@ def _damaged_items(starts: np.ndarray, row_bytes: int, blocks: list[int], block_
 
 # ---------------------------------------------------------------- loading
 
-def get_loader_fn(path: str | os.PathLike, *, access: str = "auto") -> tuple[MapLoader, int]:
+def get_loader_fn(path: str | os.PathLike, *, access: str = "auto", cache: str | os.PathLike | None = None,
+                  cache_bytes: int | None = None) -> tuple[MapLoader, int]:
     """Open the map at ``path`` once and return ``(load, N)``; see MapLoader for ``load``.
 
     ``access`` says how items are read: ``"cached"``, a plain mapping, no system call per item (for
@@ -1983,7 +2569,7 @@ def get_loader_fn(path: str | os.PathLike, *, access: str = "auto") -> tuple[Map
     ValueError (inconsistent or corrupt, naming the file and the problem) or FileNotFoundError.
     Cost: O(1) time and memory whatever the item count; the offsets and data are mapped, not read.
     """
-    load = MapLoader(path, access=access)
+    load = MapLoader(path, access=access, cache=cache, cache_bytes=cache_bytes)
     return load, len(load)
 
 
@@ -2012,12 +2598,13 @@ class MapLoader:
     """
     # The contract every loader keeps; the subclasses below say how items are read and returned.
     # Slots make load(i)'s attribute reads measurably cheaper; a __getattr__ here would undo that.
-    __slots__ = ("_files", "_header", "_first", "_count")
+    __slots__ = ("_files", "_header", "_first", "_count", "_url")  # _url: (url, cache) for a remote map
     _reads_cold = False
 
-    def __new__(cls, path: str | os.PathLike, access: str = "auto") -> MapLoader:
+    def __new__(cls, path: str | os.PathLike, access: str = "auto", cache: str | os.PathLike | None = None,
+                cache_bytes: int | None = None):
         # Opening happens here, since what it finds picks the class that serves the map
-        return _loader(_open(path), access)
+        return _opened_loader(path, access, cache, cache_bytes)
 
     def __len__(self) -> int:
         return self._count
@@ -2037,8 +2624,10 @@ class MapLoader:
         self.close()
 
     @property
-    def path(self) -> Path:
-        """The map's base path (its files are this plus .dat, .starts.npy, .json)."""
+    def path(self) -> Path | str:
+        """The map's base path (its files are this plus .dat, .starts.npy, .json), or its URL."""
+        if self._url is not None:
+            return self._url[0]
         return self._files.json.with_name(self._files.json.name.removesuffix(".json"))
 
     @property
@@ -2053,8 +2642,9 @@ class MapLoader:
     def __reduce__(self):
         # the absolute path, identity and items only: a receiver maps the files itself, whatever
         # the map's size, from whatever folder it runs in
-        return _reopen, (os.path.abspath(self.path), self.hash, self._first, self._first + self._count,
-                         "cold" if self._reads_cold else "cached", self.fields is not None)
+        where, cache, cache_bytes = self._url or (os.path.abspath(self.path), None, None)
+        return _reopen, (where, self.hash, self._first, self._first + self._count,
+                         "cold" if self._reads_cold else "cached", self.fields is not None, cache, cache_bytes)
 
     def __repr__(self) -> str:
         items = f"{self._count} items" if self._first == 0 and self._count == self._header.count else \
@@ -2086,14 +2676,18 @@ class _ArrayLoader(MapLoader):
     """A MapLoader of one map of arrays, read through the page cache: load(i) is one slice of the
     mapped rows. The cold and text loaders are this with another way to read or return an item."""
     __slots__ = ("_starts", "_data", "_begins", "_ends", "_chunks", "_checked", "_lock", "_lengths", "_rebased",
-                 "_root")
+                 "_root", "_remote")
 
     def _serve(self, files: MapFiles, header: _MapJson, data: np.ndarray, starts: np.ndarray, first: int,
-               root: _ArrayLoader | None = None):
+               root: _ArrayLoader | None = None, remote: _Remote | None = None):
         """Serve the items whose offsets are ``starts`` (both ends checked), the first being item
-        ``first`` of the map, for a slice of ``root``: the one way every array loader is made."""
+        ``first`` of the map, for a slice of ``root``: the one way every array loader is made. A
+        remote map's ``remote`` makes pieces whole in its cache before they are read."""
         self._files, self._header, self._data, self._starts = files, header, data, starts
         self._first, self._count, self._rebased, self._root = first, len(starts) - 1, None, root or self
+        self._remote = remote if root is None else root._remote
+        remote = self._remote
+        self._url = None if remote is None else (remote.url, os.path.abspath(remote.cache), remote.cache_bytes)
         # memoryviews index to Python ints fast and allocate nothing per item
         self._begins, self._ends = memoryview(starts)[:-1], memoryview(starts)[1:]
         # A flag a chunk, set once its offsets are checked, then as many again never set. Example,
@@ -2154,15 +2748,17 @@ class _ArrayLoader(MapLoader):
                     self._root._check_chunk(item)
             self._checked[chunk] = 1
             return
+        chunk, starts, count = i >> CHECK_SHIFT, self._starts, self._count
+        first, end, bounds, run = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, count), [], 2
+        while run < 2 * self._chunks:
+            begin = chunk // run * run
+            bounds.append((begin << CHECK_SHIFT, min((begin + run) << CHECK_SHIFT, count)))
+            run *= 2
+        if self._remote is not None:  # the offsets read below, fetched first, outside the lock (a fork may come)
+            self._remote.offsets([(first, end + 1)] + [(k, k + 1) for bound in bounds for k in bound])
         with self._lock:
-            chunk, starts, count = i >> CHECK_SHIFT, self._starts, self._count
-            low, high, run = 0, int(starts[-1]), 2
-            while run < 2 * self._chunks:
-                begin = chunk // run * run
-                low = max(low, int(starts[begin << CHECK_SHIFT]))
-                high = min(high, int(starts[min((begin + run) << CHECK_SHIFT, count)]))
-                run *= 2
-            first, end = chunk << CHECK_SHIFT, min((chunk + 1) << CHECK_SHIFT, count)
+            low = max([0] + [int(starts[begin]) for begin, _ in bounds])
+            high = min([int(starts[-1])] + [int(starts[end_]) for _, end_ in bounds])
             try:
                 _check_offsets(starts[first:end + 1], first, low, high, self._files.starts)
             except ValueError as e:
@@ -2180,6 +2776,17 @@ class _ArrayLoader(MapLoader):
                 root._check_chunk(i)
         return object.__new__(type(self))._serve(self._files, self._header, self._data,
                                                  self._starts[first:end + 1], self._first + first, root)
+
+    def _whole(self, rows: bool = False) -> None:
+        """For a remote map, fetch all of this loader's offsets (and rows) that are not in its cache."""
+        if self._remote is not None:
+            if rows and self._remote.cap is not None:
+                raise ValueError(f"{self.path}: load.data would need every piece of a map read with cache_bytes=, "
+                                 "which keeps fewer; open it without cache_bytes to map it whole")
+            self._remote.offsets([(self._first, self._first + self._count + 1)])
+            if rows:
+                self._remote.rows([(int(self._starts[0]) * self._header.row_bytes,
+                                    int(self._starts[-1]) * self._header.row_bytes)])
 
     def _is_closed(self) -> bool:
         return self._data is None
@@ -2221,6 +2828,7 @@ class _ArrayLoader(MapLoader):
         """The items' rows as one read-only mapped array of shape ``(rows, *trail_dim)``: the whole
         ``.dat``, or for a slice of a map its items' rows. No copy."""
         starts = self._live("_starts")
+        self._whole(rows=True)
         return self._data if self._count == self._header.count else self._data[starts[0]:starts[-1]]
 
     @property
@@ -2229,6 +2837,7 @@ class _ArrayLoader(MapLoader):
         as they are (``load(i)`` checks those it uses, ``verify_hash`` all): no copy, no cost. For a
         slice of a map, offsets from its first row: computed on first use, 8 bytes an item."""
         starts = self._live("_starts")
+        self._whole()
         if self._first == 0:
             return starts
         if self._rebased is None:
@@ -2242,6 +2851,7 @@ class _ArrayLoader(MapLoader):
         offset: O(N) time and 8 bytes an item of private memory in each process that asks."""
         if self._lengths is None:
             starts = self._live("_starts")
+            self._whole()
             for _ in _runs(starts, self._header.row_bytes, self._files.starts):
                 pass
             self._checked[:self._chunks] = ([1] if isinstance(self._checked, list) else b"\1") * self._chunks
@@ -2263,26 +2873,23 @@ class _ColdLoader(_ArrayLoader):
     __slots__ = ()
     _reads_cold = True
 
-    def _serve(self, files, header, data, *rest) -> _ColdLoader:
+    def _serve(self, files, header, data, *rest, **options) -> _ColdLoader:
         if data.nbytes:
             data.base.madvise(mmap.MADV_RANDOM)
-        return super()._serve(files, header, data, *rest)
+        return super()._serve(files, header, data, *rest, **options)
 
     def __call__(self, i, copy: bool = False) -> np.ndarray:
         item = _ArrayLoader.__call__(self, i)
         if not isinstance(item, np.ndarray):  # load[a:b]: a loader, cold like this one
             return item
-        if item.nbytes:
-            self._fetch([self._bytes_of(i)])
-        return item.copy() if copy else item
+        return self._fetched([self._bytes_of(i)], [item], [i], copy)[0]
 
     __getitem__ = __call__
 
     def __getitems__(self, indices) -> list:
         indices = list(indices)  # (an iterator would be used up by the first pass)
         items = [_ArrayLoader.__call__(self, i) for i in indices]
-        self._fetch(sorted(self._bytes_of(i) for i, item in zip(indices, items) if item.nbytes))
-        return items
+        return self._fetched([self._bytes_of(i) for i in indices], items, indices)
 
     def _bytes_of(self, i: int) -> tuple[int, int]:
         """Where item i's bytes lie in the .dat: (start, end)."""
@@ -2290,8 +2897,26 @@ class _ColdLoader(_ArrayLoader):
         i += self._count if i < 0 else 0
         return self._begins[i] * self._header.row_bytes, self._ends[i] * self._header.row_bytes
 
-    def _fetch(self, spans: list) -> None:
+    def _fetched(self, spans: list, views: list, indices: list, copy: bool = False) -> list:
+        """The views (of these byte spans of the .dat; the items at indices, or windows) once their
+        pages are asked for; for a remote map, once its pieces are whole in the cache, and under a
+        cache cap, as copies made while those pieces are held."""
+        spans = sorted(span for span in spans if span[1] > span[0])
+        if not spans:
+            return [view.copy() for view in views] if copy else views
+        remote = self._remote
+        try:
+            if remote is not None and remote.cap is not None:
+                with remote.cap.held(spans):
+                    return [view.copy() for view in views]
+            if remote is not None:
+                remote.rows(spans)
+        except ValueError as e:
+            shown = ", ".join(str(self._first + i + (self._count if i < 0 else 0)) for i in indices[:8])
+            raise ValueError(f"{e}; item(s) {shown}{', ...' * (len(indices) > 8)} not served" if indices else
+                             f"{e}; not served") from None
         _will_need(self._data.base, spans)
+        return [view.copy() for view in views] if copy else views
 
 
 def _will_need(mapping: mmap.mmap, spans: list) -> None:
@@ -2311,9 +2936,9 @@ class _TextLoader(_ArrayLoader):
     """A MapLoader for a map of text: ``load(i)`` is a new str (or bytes) of the item's bytes."""
     __slots__ = ("_bytes", "_decode")  # the .dat as a memoryview, which slices in half the time an ndarray does
 
-    def _serve(self, files, header, data, *rest) -> _TextLoader:
+    def _serve(self, files, header, data, *rest, **options) -> _TextLoader:
         self._bytes, self._decode = memoryview(data), _TEXT_KINDS[header.text].decode
-        return super()._serve(files, header, data, *rest)
+        return super()._serve(files, header, data, *rest, **options)
 
     def __call__(self, i, copy: bool = False) -> str | bytes | MapLoader:
         try:  # the fast path of _ArrayLoader.__call__, on the memoryview
@@ -2362,9 +2987,9 @@ class _SetLoader(MapLoader):
     loader of its own (``load.fields``); the attributes of a single map's layout are dicts by field."""
     __slots__ = ("_fields", "_calls")
 
-    def _serve(self, files: MapFiles, header: _SetJson, fields: dict) -> _SetLoader:
+    def _serve(self, files: MapFiles, header: _SetJson, fields: dict, url: tuple | None = None) -> _SetLoader:
         some = next(iter(fields.values()))
-        self._files, self._header, self._fields = files, header, fields
+        self._files, self._header, self._fields, self._url = files, header, fields, url
         self._first, self._count = some._first, len(some)
         # (name, the field's bound __call__): load(i) then skips a lookup a field
         self._calls = tuple((name, field.__call__) for name, field in fields.items())
@@ -2375,7 +3000,7 @@ class _SetLoader(MapLoader):
             if isinstance(i, slice):
                 first, end = self._slice_range(i)
                 return object.__new__(_SetLoader)._serve(self._files, self._header, {
-                    name: field[first:end] for name, field in self._fields.items()})
+                    name: field[first:end] for name, field in self._fields.items()}, self._url)
             return {name: call(i, copy) for name, call in self._calls}
         except (IndexError, TypeError, ValueError) as e:  # a field's error names the field's files
             if isinstance(e, ValueError) and not self._is_closed():
@@ -2416,29 +3041,41 @@ class _SetLoader(MapLoader):
         return "fields " + ", ".join(f"{name} {field._layout()}" for name, field in self._fields.items())
 
 
-def _loader(opened: _Map | _Set, access: str) -> MapLoader:
-    """The loader that serves an opened map or set: its class says how items are read and returned."""
+def _opened_loader(path, access: str, cache, cache_bytes: int | None = None) -> MapLoader:
+    """The loader of the map or set at a path or a URL (fetched into ``cache``)."""
+    if not _is_url(path):
+        return _loader(_open(path), access)
+    opened = _open_remote(path, cache, cache_bytes)
+    url = next((path[:-len(suffix)] for suffix in _SUFFIXES if path.endswith(suffix)), path)
+    return _loader(opened, access, (url, os.path.abspath(_default_cache() if cache is None else cache), cache_bytes))
+
+
+def _loader(opened: _Map | _Set, access: str, url: tuple | None = None) -> MapLoader:
+    """The loader that serves an opened map or set: its class says how items are read and returned.
+    A remote map's is a cold one, which asks for each item's pieces before it serves the item."""
     if isinstance(opened, _Set):  # its fields share the page cache: read all cold or none
         cold = _cold(sum(field.data.nbytes for field in opened.fields.values()), access)
         return object.__new__(_SetLoader)._serve(opened.files, opened.header, {
-            name: _loader(field, "cold" if cold else "cached") for name, field in opened.fields.items()})
-    cold = _cold(opened.data.nbytes, access)
+            name: _loader(field, "cold" if cold else "cached") for name, field in opened.fields.items()}, url)
+    cold = _cold(opened.data.nbytes, access) or opened.remote is not None
     kind = ((_ColdTextLoader if cold else _TextLoader) if opened.header.text else
             _ColdLoader if cold else _ArrayLoader)
-    header = opened.header._replace(block_digests=None)  # verify_hash's alone: not kept by every loader
-    return object.__new__(kind)._serve(opened.files, header, opened.data, opened.starts, 0)
+    # the digests are verify_hash's and the remote's alone: not kept by every loader
+    header = opened.header._replace(block_digests=None, starts_block_digests=None)
+    return object.__new__(kind)._serve(opened.files, header, opened.data, opened.starts, 0, remote=opened.remote)
 
 
-def _reopen(path: str, digest: str, first: int, end: int, access: str, is_set: bool) -> MapLoader:
-    """A pickled loader, in its receiver: the map (or set) at path, if it still has the hash it was
-    pickled with (ValueError if it was rebuilt since), sliced to the items it served."""
-    opened = _open(path)
-    if isinstance(opened, _Set) != is_set:
-        raise ValueError(f"{opened.files.json}: " + ("no longer a set of fields" if is_set else
-                                                     "a set of fields, where a single map was expected"))
-    load = _loader(opened, access)
+def _reopen(path: str, digest: str, first: int, end: int, access: str, is_set: bool,
+            cache: str | None = None, cache_bytes: int | None = None) -> MapLoader:
+    """A pickled loader, in its receiver: the map (or set) at path or URL, if it still has the hash
+    it was pickled with (ValueError if it was rebuilt since), sliced to the items it served."""
+    load = _opened_loader(path, access, cache, cache_bytes)
+    where = path if _is_url(path) else load._files.json
+    if (load.fields is not None) != is_set:
+        raise ValueError(f"{where}: " + ("no longer a set of fields" if is_set else
+                                         "a set of fields, where a single map was expected"))
     if load.hash != digest:
-        raise ValueError(f"{load._files.json}: the map was replaced since this loader was pickled "
+        raise ValueError(f"{where}: the map was replaced since this loader was pickled "
                          f"(hash {load.hash}, expected {digest})")
     return load if (first, end) == (0, len(load)) else load[first:end]
 
@@ -2778,11 +3415,13 @@ class Windows:
         first = k * self._seq_len + self._low  # the window's first row, in the map's rows
         end = first + self._seq_len  # its last row (a label only)
         starts = self._starts
-        lo = int(np.searchsorted(starts, first, side="right"))  # the first item to begin after row first
-        hi = int(np.searchsorted(starts, end, side="left"))  # the first item to begin at row end or later
+        lo = self._search(first, "right")  # the first item to begin after row first
+        hi = self._search(end, "left")  # the first item to begin at row end or later
         if not 1 <= lo <= hi < len(starts):
             self._damaged(k, lo, hi, first, end)
         self._check_items(k, lo - 1, hi - 1)
+        if self._load._remote is not None:
+            self._load._remote.offsets([(self._load._first + lo - 1, self._load._first + hi + 1)])
         around = starts[lo - 1:hi + 1]  # the item holding row first, those beginning inside, the one after
         inside = around[1:-1]
         if around[0] > first or around[-1] < end or inside.size and (
@@ -2794,6 +3433,18 @@ class Windows:
         out[0], out[-1] = 0, self._seq_len
         np.subtract(inside, first, out=out[1:-1], casting="unsafe")
         return out
+
+    def _search(self, row: int, side: str) -> int:
+        """np.searchsorted(offsets, row, side); for a remote map, by halves first, each offset it
+        probes fetched, down to one piece of offsets: about 20 pieces, once, whatever the count."""
+        starts, remote, lo, hi = self._starts, self._load._remote, 0, len(self._starts)
+        if remote is not None:
+            while hi - lo > remote.piece // 8:
+                mid = (lo + hi) // 2
+                remote.offsets([(self._load._first + mid, self._load._first + mid + 1)])
+                lo, hi = (mid + 1, hi) if starts[mid] < row or side == "right" and starts[mid] == row else (lo, mid)
+            remote.offsets([(self._load._first + lo, self._load._first + hi)])
+        return lo + int(np.searchsorted(starts[lo:hi], row, side))
 
     def _check_items(self, k, *items: int) -> None:
         """Have the loader check the offsets of the chunks holding these items, as load(i) does, unless
@@ -2837,31 +3488,18 @@ class _ColdWindows(Windows):
     """Windows of a cold loader, whose mapping reads no page around a fault: each call first asks
     for its windows' pages with one madvise(MADV_WILLNEED) a run of adjacent windows, so that they
     are read at once rather than a fault at a time (a block-shuffled batch: about one read)."""
-    __slots__ = ("_mapping",)
-
-    def __init__(self, load: MapLoader, seq_len: int):
-        super().__init__(load, seq_len)
-        mapping = load._data.base
-        self._mapping = mapping if isinstance(mapping, mmap.mmap) else None  # an empty .dat is not mapped
+    __slots__ = ()
 
     def __call__(self, k) -> np.ndarray:
-        first = self._index(k) * self._seq_len
-        self._fetch([first])
-        return self._rows[first:first + self._span]
+        return self.__getitems__([k])[0]
 
     __getitem__ = __call__
 
     def __getitems__(self, ks) -> list:
         firsts = [self._index(k) * self._seq_len for k in ks]
-        self._fetch(firsts)
-        rows, span = self._rows, self._span
-        return [rows[first:first + span] for first in firsts]
-
-    def _fetch(self, firsts: list) -> None:
-        if self._mapping is not None:
-            span_bytes = self._span * self._row_bytes
-            starts = sorted((self._low + first) * self._row_bytes for first in firsts)  # bytes into the .dat
-            _will_need(self._mapping, [(start, start + span_bytes) for start in starts])
+        rows, span, row_bytes = self._rows, self._span, self._row_bytes
+        spans = [((self._low + first) * row_bytes, (self._low + first + span) * row_bytes) for first in firsts]
+        return self._load._fetched(spans, [rows[first:first + span] for first in firsts], [])
 
 
 # ---------------------------------------------------------------- mixtures
@@ -3192,9 +3830,10 @@ def _info(path: str, full_meta: bool) -> None:
         lines = [("path", load.path), ("items", f"{len(load):,}")]
         for name, part in (load.fields or {"": load}).items():  # a set's lines say which field
             prefix = f"{name}." if name else ""
-            stats = _length_stats(part.starts, map_files(part.path).starts)
-            lines += [(prefix + "dtype", part._header.text or part.dtype), (prefix + "trailing shape", part.trail_dim),
-                      (prefix + "rows", f"{len(part.data):,}"), (prefix + "bytes", f"{part.data.nbytes:,}"),
+            stats, header = _length_stats(part.starts, part._files.starts), part._header
+            lines += [(prefix + "dtype", header.text or part.dtype), (prefix + "trailing shape", part.trail_dim),
+                      (prefix + "rows", f"{header.total_rows:,}"),
+                      (prefix + "bytes", f"{header.total_rows * header.row_bytes:,}"),
                       (prefix + "item length min/mean/max", stats)]
         lines += [("hash", load.hash), ("meta", meta)]
         width = max(len(label) for label, _ in lines)

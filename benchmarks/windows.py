@@ -224,7 +224,7 @@ def open_to_first_batch(folder: Path, sizes: list, rounds: int, timeout: float) 
         else:
             theirs = in_child("megatron", base, True, timeout)
         for f in pm.map_files(base):
-            f.unlink()
+            f.unlink(missing_ok=True)
         mine_cell = f"{mine * 1e3:.2f} ms"
         mine_memory = f"{mib(memory['traced'])} / {mib(memory['anonymous'])}"
         if "error" in theirs:

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import picomap as pm
 from conftest import listing, oracle_hash, read_json, snapshot, tokens, traced_peak
 
-MAP_FILES = ["toy.dat", "toy.json", "toy.starts.npy"]
+MAP_FILES = ["toy.dat", "toy.digests", "toy.json", "toy.starts.npy"]
 
 
 def read_back(path):
@@ -56,7 +56,7 @@ def test_hash_matches_an_independent_oracle_whatever_the_batch_size(in_tmp, monk
 def test_path_forms(in_tmp, given, folder, stem):
     items = tokens(5)
     pm.build_map(items, given, progress=False)
-    assert listing(in_tmp / folder) == [f"{stem}.dat", f"{stem}.json", f"{stem}.starts.npy"]
+    assert listing(in_tmp / folder) == [f"{stem}.dat", f"{stem}.digests", f"{stem}.json", f"{stem}.starts.npy"]
     for other in (given, os.path.join(folder, stem), Path(folder) / f"{stem}.dat"):
         assert_same_items(read_back(other), items)
         assert pm.verify_hash(other, progress=False) is True

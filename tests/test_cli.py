@@ -12,6 +12,7 @@ import pytest
 
 import picomap as pm
 from conftest import tokens
+from servers import RangeServer
 
 ROOT = Path(pm.__file__).resolve().parent
 README = (ROOT / "README.md").read_text()
@@ -78,10 +79,10 @@ def test_readme_quick_example_runs_as_written(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["3 items available", "(11, 4)"]
-    assert sorted(os.listdir(tmp_path)) == ["toy.dat", "toy.json", "toy.starts.npy"]
+    assert sorted(os.listdir(tmp_path)) == ["toy.dat", "toy.digests", "toy.json", "toy.starts.npy"]
 
 
-@pytest.mark.parametrize("heading, prints", [("## Recipes", 22), ("## Preparing data in parallel", 5)])
+@pytest.mark.parametrize("heading, prints", [("## Recipes", 24), ("## Preparing data in parallel", 5)])
 def test_readme_sections_run_as_written_and_print_what_they_say(tmp_path, heading, prints):
     pytest.importorskip("torch")  # the recipes use it; CI installs it
     pytest.importorskip("torchdata")  # (the sampling recipe's StatefulDataLoader)
@@ -89,9 +90,10 @@ def test_readme_sections_run_as_written_and_print_what_they_say(tmp_path, headin
     section = README.split(heading + "\n")[1].split("\n## ")[0]
     script = "\n".join(python_blocks(section))
     promised = [line.split("# -> ")[1] for line in script.splitlines() if "# -> " in line]
-    (tmp_path / "recipes.py").write_text(script)
-    result = subprocess.run([sys.executable, "recipes.py"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    with RangeServer(tmp_path) as server:  # the remote recipe's server, on loopback
+        (tmp_path / "recipes.py").write_text(script.replace("http://127.0.0.1:8000", server.url))
+        result = subprocess.run([sys.executable, "recipes.py"], cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == promised and len(promised) == prints
 
@@ -123,6 +125,7 @@ RELIABILITY = {
                                            "fields_that_can_be_files"]),
                        ("test_convert.py", ["refuses"])],
     "damage-location tests": [("test_damage.py", [])],
+    "remote-map tests": [("test_remote.py", [])],
 }
 
 

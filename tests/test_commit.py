@@ -95,7 +95,7 @@ class inject:
 def test_a_failure_at_any_step_of_a_commit_leaves_the_old_map_or_the_new_one(in_tmp, kind, error):
     calls_of_a_commit = commit_calls(kind, in_tmp)
     steps, point = len(calls_of_a_commit), committed_after(calls_of_a_commit)
-    assert calls_of_a_commit.count("replace") == (3 if kind == "map" else 1) and steps > point + 1
+    assert calls_of_a_commit.count("replace") == (4 if kind == "map" else 1) and steps > point + 1
     old, new = KINDS[kind](3), KINDS[kind](4)
     for k in range(steps):
         pm.build_map(old, "toy", progress=False)
@@ -198,7 +198,7 @@ def test_processes_building_and_reading_one_path_at_once_never_fail_nor_mix(in_t
     assert reads > 20 and len(versions) > 5
     assert pm.verify_hash("toy", progress=False)
     assert [name for name in listing(in_tmp) if name.startswith(("toy", ".toy"))] == [
-        "toy.dat", "toy.json", "toy.starts.npy"]
+        "toy.dat", "toy.digests", "toy.json", "toy.starts.npy"]
 
 
 def test_threads_appending_to_one_writer_store_every_item_once(in_tmp):
@@ -255,24 +255,42 @@ def test_a_file_where_the_folder_should_be_is_a_clear_error(in_tmp, where):
     assert listing(in_tmp) == ["f"]
 
 
-def test_a_commit_left_unfinished_is_finished_by_the_next_reader(in_tmp):
-    """What a power cut between two renames leaves: the intent, one file renamed, two to go."""
+def as_written_before_1_4(base):
+    """Make the map at base one picomap 1.3 wrote: no .digests file, no digests of the offsets in its json."""
+    Path(f"{base}.digests").unlink()
+    header = json.loads(Path(f"{base}.json").read_text())
+    del header["starts_block_bytes"], header["starts_block_digests"]
+    Path(f"{base}.json").write_text(json.dumps(header))
+
+
+# A map's commit renames its files in the order of its intent's "files", the json last; picomap 1.3's
+# intents name three files (no .digests), and are still finished.
+INTENT_PARTS = {"1.4": ([0, 1, 3, 2], [".dat", ".starts.npy", ".digests", ".json"]),
+                "1.3": ([0, 1, 2], [".dat", ".starts.npy", ".json"])}
+
+
+@pytest.mark.parametrize("written_by", INTENT_PARTS)
+def test_a_commit_left_unfinished_is_finished_by_the_next_reader(in_tmp, written_by):
+    """What a power cut between two renames leaves: the intent, one file renamed, the others to go."""
+    parts, suffixes = INTENT_PARTS[written_by]
     pm.build_map(tokens(5, seed=1), "toy", progress=False)
     new = tokens(7, seed=2)
     pm.build_map(new, "next", progress=False)
+    if written_by == "1.3":
+        as_written_before_1_4("toy")
+        as_written_before_1_4("next")
     tag = "0123456789ab"
-    for suffix in (".dat", ".starts.npy"):  # backups of the old map's files
+    for suffix in suffixes:  # backups of the old map's files
         os.link(f"toy{suffix}", f".toy{suffix}.{tag}.old")
-    os.link("toy.json", f".toy.json.{tag}.old")
-    inodes = [[os.stat(f"next{suffix}").st_dev, os.stat(f"next{suffix}").st_ino]
-              for suffix in (".dat", ".starts.npy", ".json")]
+    inodes = [[os.stat(f"next{suffix}").st_dev, os.stat(f"next{suffix}").st_ino] for suffix in suffixes]
     os.replace("next.dat", "toy.dat")  # the first rename happened
-    os.replace("next.starts.npy", f".toy.starts.npy.{tag}.tmp")
-    os.replace("next.json", f".toy.json.{tag}.tmp")
-    Path(".toy.json.commit").write_text(json.dumps({"build": tag, "files": [0, 1, 2], "had": [0, 1, 2],
+    for suffix in suffixes[1:]:
+        os.replace(f"next{suffix}", f".toy{suffix}.{tag}.tmp")
+    Path(".toy.json.commit").write_text(json.dumps({"build": tag, "files": parts, "had": parts,
                                                     "inodes": inodes}))
     assert is_whole(read_all("toy"), new)
-    assert listing(in_tmp) == ["toy.dat", "toy.json", "toy.starts.npy"]
+    assert listing(in_tmp) == sorted(f"toy{suffix}" for suffix in suffixes)
+    assert pm.verify_hash("toy", progress=False)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -305,7 +323,7 @@ def test_files_that_may_not_be_hard_linked_are_backed_up_by_a_rename(in_tmp, mon
         if not raised:
             break
         renames += 1
-    assert renames == (6 if kind == "map" else 2)  # each file renamed to its backup, then replaced
+    assert renames == (8 if kind == "map" else 2)  # each file renamed to its backup, then replaced
 
 
 GO_BACK_THEN_DIE = """
@@ -325,7 +343,7 @@ GO_BACK_THEN_DIE = """
 """
 
 
-@pytest.mark.parametrize("failing_rename", [2, 3])
+@pytest.mark.parametrize("failing_rename", [2, 3, 4])  # each rename after the first: the json's is the 4th
 def test_a_commit_that_went_back_and_died_is_not_undone_twice(in_tmp, failing_rename):
     """The next open finds the intent of a commit already put back: going back again keeps the old map."""
     old = KINDS["map"](3)

@@ -135,7 +135,8 @@ def test_blocks_digested_whole_as_picomap_1_0_wrote_them_still_locate_damage(in_
     items = [np.full(128, k, np.int32) for k in range(100)]  # 512 bytes an item
     pm.build_map(items, "toy", progress=False)
     header = read_json("toy")
-    del header["piece_bytes"]
+    del header["piece_bytes"], header["starts_block_bytes"], header["starts_block_digests"]  # as 1.0 wrote it
+    Path("toy.digests").unlink()  # (1.0 wrote no .digests file)
     data = Path("toy.dat").read_bytes()
     header["block_bytes"], header["block_digests"] = 1024, [xxhash.xxh3_64(data[k:k + 1024]).hexdigest()
                                                             for k in range(0, len(data), 1024)]
@@ -144,3 +145,55 @@ def test_blocks_digested_whole_as_picomap_1_0_wrote_them_still_locate_damage(in_
     flip(Path("toy.dat"), 41 * 512)
     with pytest.raises(ValueError, match="damaged in 1 block.s. of 1024 bytes, holding items 40-41: rebuild"):
         pm.verify_hash("toy", progress=False)
+
+
+# ---------------------------------------------------------------- the .digests file (picomap 1.4)
+
+def piece_digests(path: Path, piece: int = 1 << 20) -> list[int]:
+    """From the spec: the xxh3_64 of each piece of a file, as the .digests file holds them."""
+    data = path.read_bytes()
+    return [xxhash.xxh3_64(data[k:k + piece]).intdigest() for k in range(0, len(data), piece)]
+
+
+def test_a_changed_byte_in_the_digests_file_fails_verify_naming_it(in_tmp):
+    items = [np.full(1 << 18, k, np.int32) for k in range(3)]  # 1 MiB an item: three pieces of the .dat
+    pm.build_map(items, "toy", progress=False)
+    assert pm.verify_hash("toy", progress=False)
+    flip(Path("toy.digests"), 8 + 3)  # in the second piece's digest
+    with pytest.raises(ValueError, match=r"^toy\.digests: does not hold the digests of the map's pieces") as caught:
+        pm.verify_hash("toy", progress=False)
+    assert "hash mismatch" not in str(caught.value)  # the data is intact, and not blamed
+    load, n = pm.get_loader_fn("toy")  # loads never read the .digests file
+    assert n == 3 and all(np.array_equal(load(i), item) for i, item in enumerate(items))
+
+
+def test_an_edited_digest_of_the_offsets_in_the_json_fails_verify_but_not_loads(in_tmp):
+    items = tokens(40)
+    pm.build_map(items, "toy", progress=False)
+    header = read_json("toy")
+    digest = header["starts_block_digests"][0]
+    header["starts_block_digests"][0] = ("1" if digest[0] == "0" else "0") + digest[1:]  # still 16 hex digits
+    write_json("toy", header)
+    with pytest.raises(ValueError, match=r"^toy\.json: its digests of toy\.starts\.npy's blocks differ from the "
+                                         r"file's"):
+        pm.verify_hash("toy", progress=False)
+    load, n = pm.get_loader_fn("toy")
+    assert n == len(items) and all(np.array_equal(load(i), item) for i, item in enumerate(items))
+
+
+def test_the_digests_file_holds_each_pieces_digest_of_the_dat_then_of_the_offsets(in_tmp):
+    n_items = 200_000  # more than 131,072: an offsets file of more than 1 MiB, so several pieces
+    items = [np.full(k % 5, k, np.int32) for k in range(n_items)]
+    header = pm.build_map(items, "toy", progress=False)
+    dat, starts = Path("toy.dat"), Path("toy.starts.npy")
+    assert starts.stat().st_size > 1 << 20 and dat.stat().st_size > 1 << 20
+    assert pm.verify_hash("toy", progress=False)
+    found = np.fromfile("toy.digests", "<u8").tolist()
+    assert len(found) == -(-dat.stat().st_size // (1 << 20)) + -(-starts.stat().st_size // (1 << 20))
+    assert found == piece_digests(dat) + piece_digests(starts)
+    assert Path("toy.digests").stat().st_size == 8 * len(found)
+    assert header["piece_bytes"] == 1 << 20 and header["starts_block_bytes"] % header["piece_bytes"] == 0
+    assert header["starts_block_digests"] == independent_block_digests(
+        starts, 1 << 20, per_block=header["starts_block_bytes"] // (1 << 20))
+    load, n = pm.get_loader_fn("toy")
+    assert n == n_items and all(np.array_equal(load(i), items[i]) for i in (0, 4, 131_072, n_items - 1))

@@ -16,7 +16,7 @@ import pytest
 import picomap as pm
 from conftest import listing, snapshot, tokens
 
-MAP_FILES = ["toy.dat", "toy.json", "toy.starts.npy"]
+MAP_FILES = ["toy.dat", "toy.digests", "toy.json", "toy.starts.npy"]
 PYTHONPATH = str(Path(pm.__file__).parent)
 
 
@@ -261,8 +261,9 @@ def test_a_really_full_disk_leaves_the_old_map(tmp_path, job):
 @pytest.mark.parametrize("name, other", [("m[0]", "m0"), ("a*b", "aXb"), ("q?", "qq")])
 def test_names_with_glob_characters_clean_up_their_own_temporaries_only(in_tmp, name, other):
     for base in (name, other):  # what a killed build of each would leave: nobody holds their flock
-        for suffix in (".dat", ".starts.npy"):
+        for suffix in (".dat", ".starts.npy", ".digests"):
             Path(f".{base}{suffix}.0123456789ab.tmp").write_bytes(b"x")
     pm.build_map(tokens(3), name, progress=False)
-    assert listing(in_tmp) == sorted([f"{name}.dat", f"{name}.json", f"{name}.starts.npy",
-                                      f".{other}.dat.0123456789ab.tmp", f".{other}.starts.npy.0123456789ab.tmp"])
+    assert listing(in_tmp) == sorted([f"{name}.dat", f"{name}.digests", f"{name}.json", f"{name}.starts.npy",
+                                      f".{other}.dat.0123456789ab.tmp", f".{other}.starts.npy.0123456789ab.tmp",
+                                      f".{other}.digests.0123456789ab.tmp"])

@@ -123,7 +123,7 @@ def test_a_set_is_a_json_and_one_ordinary_map_per_field(in_tmp):
     build = header["build"]
     assert sorted(listing(in_tmp)) == sorted(["ds/train.json"] + [
         f"ds/train.fields/{build}/{name}{suffix}" for name in ("audio", "tokens", "text")
-        for suffix in (".dat", ".json", ".starts.npy")])
+        for suffix in (".dat", ".digests", ".json", ".starts.npy")])
     assert read_json("ds/train") == header and header["count"] == len(items)
     assert list(header["fields"]) == ["audio", "tokens", "text"] and header["hash"] == oracle_set_hash(items)
     for name in ("audio", "tokens", "text"):  # each field opens alone, as any map, with its own hash
@@ -337,7 +337,7 @@ def test_edits_to_the_sets_json_are_caught(in_tmp):
 def test_fields_from_two_builds_are_refused_naming_the_field(in_tmp):
     pm.build_map(clips(seed=0), "a", progress=False)
     pm.build_map(clips(seed=1), "b", progress=False)
-    for suffix in (".dat", ".starts.npy", ".json"):  # one field of build b put into build a
+    for suffix in (".dat", ".starts.npy", ".digests", ".json"):  # one field of build b put into build a
         shutil.copy(f"{field_path('b', 'tokens')}{suffix}", f"{field_path('a', 'tokens')}{suffix}")
     with pytest.raises(ValueError, match=r"a.json: field 'tokens' \(.*tokens.json\) .* comes from another build"):
         pm.get_loader_fn("a")
@@ -360,7 +360,7 @@ def test_a_killed_set_build_leaves_the_old_set_and_the_next_build_cleans_up(in_t
     assert n == len(items) and all(load(i)["text"] == it["text"] for i, it in enumerate(items))
     assert pm.verify_hash("ds", progress=False)
     header = pm.build_map(clips(3, seed=5), "ds", progress=False)
-    assert sorted(listing(in_tmp)) == sorted(set_files("ds")) and len(set_files("ds")) == 1 + 3 * 3
+    assert sorted(listing(in_tmp)) == sorted(set_files("ds")) and len(set_files("ds")) == 1 + 3 * 4
     assert read_json("ds")["build"] == header["build"]
 
 
@@ -394,7 +394,7 @@ def test_a_set_and_a_single_map_replace_each_other_and_take_their_files_along(in
     assert sorted(listing(in_tmp)) == sorted(set_files("ds"))
     assert pm.get_loader_fn("ds")[0].fields is not None
     pm.build_map(tokens(5), "ds", progress=False)
-    assert listing(in_tmp) == ["ds.dat", "ds.json", "ds.starts.npy"]
+    assert listing(in_tmp) == ["ds.dat", "ds.digests", "ds.json", "ds.starts.npy"]
     assert pm.get_loader_fn("ds")[0].fields is None
 
 
@@ -488,7 +488,7 @@ def test_a_merge_of_sets_is_byte_for_byte_a_direct_build(in_tmp):
     assert merged["hash"] == direct["hash"] == oracle_set_hash(items) and merged["fields"] == direct["fields"]
     assert merged["meta"] == {"m": 1} and merged["count"] == 30
     for name in direct["fields"]:
-        for suffix in (".dat", ".starts.npy"):
+        for suffix in (".dat", ".starts.npy", ".digests"):
             assert Path(f"{field_path('merged', name)}{suffix}").read_bytes() == \
                 Path(f"{field_path('direct', name)}{suffix}").read_bytes()
         skip = ("creation_time",)
@@ -541,7 +541,7 @@ def test_a_writer_writes_what_build_map_writes(in_tmp):
         assert {k: v for k, v in writer.header.items() if k not in ("creation_time", "build")} == \
             {k: v for k, v in built.items() if k not in ("creation_time", "build")}
         bases = [f"w-{name}", f"b-{name}"] if name != "set" else [field_path(f"{p}-set", "audio") for p in "wb"]
-        for suffix in (".dat", ".starts.npy"):
+        for suffix in (".dat", ".starts.npy", ".digests"):
             assert Path(f"{bases[0]}{suffix}").read_bytes() == Path(f"{bases[1]}{suffix}").read_bytes()
 
 
@@ -563,7 +563,7 @@ def test_an_exception_in_the_with_block_discards_everything(old_map, in_tmp, err
                     writer.append(item)
                 raise error
         assert writer.header is None
-        assert listing(in_tmp) == ["toy.dat", "toy.json", "toy.starts.npy"]
+        assert listing(in_tmp) == ["toy.dat", "toy.digests", "toy.json", "toy.starts.npy"]
     assert pm.get_loader_fn("toy")[1] == len(items) and pm.verify_hash("toy", progress=False)
 
 
@@ -575,7 +575,7 @@ def test_a_writer_dropped_unclosed_commits_nothing_and_leaves_nothing(old_map, i
         assert any(".tmp" in name for name in listing(in_tmp))
         del writer
         gc.collect()
-        assert listing(in_tmp) == ["toy.dat", "toy.json", "toy.starts.npy"]
+        assert listing(in_tmp) == ["toy.dat", "toy.digests", "toy.json", "toy.starts.npy"]
     load, n = pm.get_loader_fn("toy")
     assert n == len(old_map[0]) and np.array_equal(load(3), old_map[0][3])
 
@@ -585,7 +585,7 @@ def test_a_failed_append_discards_the_writer(old_map, in_tmp):
     writer.append(np.zeros(3, np.int32))
     with pytest.raises(ValueError, match="item 1: dtype <f8 but the map is <i4"):
         writer.append(np.zeros(3))
-    assert listing(in_tmp) == ["toy.dat", "toy.json", "toy.starts.npy"]
+    assert listing(in_tmp) == ["toy.dat", "toy.digests", "toy.json", "toy.starts.npy"]
     with pytest.raises(ValueError, match=r"already discarded \(ValueError at item 1\)"):
         writer.append(np.zeros(3, np.int32))
     with pytest.raises(ValueError, match="already discarded"):

@@ -1,5 +1,6 @@
 """Fuzzing: random byte changes to each file of a valid map. The loader refuses with a clear error or
-serves exactly what the files say, item by item; verify_hash catches every change to the data."""
+serves exactly what the files say, item by item (it never reads the .digests file); verify_hash
+catches every change to the data, the offsets and the .digests file."""
 import io
 import json
 import math
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import picomap as pm
 
 EXAMPLES = 300  # each property's examples per run; README's Reliability section quotes these
-SUFFIXES = (".dat", ".starts.npy", ".json")
+SUFFIXES = (".dat", ".starts.npy", ".json", ".digests")
 mutations = st.lists(st.tuples(st.integers(0, 2**20), st.integers(1, 255)), min_size=1, max_size=4)
 resize = st.one_of(st.none(), st.integers(-40, 40))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -72,6 +73,7 @@ def test_mutated_maps_are_refused_or_served_as_they_are(tmp_path, pristine, whic
     try:
         load, n = pm.get_loader_fn(base)
     except (ValueError, FileNotFoundError) as e:
+        assert which != ".digests", e  # a load never reads the .digests file: its changes are verify_hash's
         assert "m.json" in str(e) or "m.starts.npy" in str(e) or "m.dat" in str(e)
         return
     said = what_the_files_say(files)
@@ -84,9 +86,22 @@ def test_mutated_maps_are_refused_or_served_as_they_are(tmp_path, pristine, whic
             assert load(i).shape == item[0] and load(i).tobytes() == item[1]
     try:
         pm.verify_hash(base, progress=False)
-    except ValueError as e:  # a hash that differs, or offsets out of order (decreasing, or past the data)
-        assert "hash mismatch" in str(e) or None in said and re.search(
-            r"m\.starts\.npy: (offsets decrease|the offsets of items .* outside rows)", str(e))
+    except ValueError as e:
+        message = str(e)
+        if which == ".digests":  # the data and offsets are intact: only the .digests file is blamed
+            assert re.search(r"m\.digests: does not hold the digests of the map's pieces", message), message
+            return
+        # a hash that differs, or offsets out of order (decreasing, or past the data), or, the items
+        # hashing as the json says, the json's digests of blocks of the .dat or of the offsets
+        # differing from the files' (a change to the json, or to the bytes of the offsets file)
+        assert "hash mismatch" in message or None in said and re.search(
+            r"m\.starts\.npy: (offsets decrease|the offsets of items .* outside rows)", message) or \
+            which == ".json" and re.search(r"m\.json: the items hash as the json says, but its digests of blocks "
+                                           r"\[[0-9, ]+\] of m\.dat differ from the data's", message) or \
+            which in (".json", ".starts.npy") and re.search(
+                r"m\.json: its digests of m\.starts\.npy's blocks differ from the file's", message), message
+    else:  # every byte of the .dat, the offsets file and the .digests file is digested: a change is caught
+        assert which == ".json"
 
 
 @FUZZ

@@ -23,7 +23,7 @@ def build_shards(parts, prefix="shard"):
 
 def assert_same_as_direct_build(out, items):
     pm.build_map(items, "direct", progress=False)
-    for suffix in (".dat", ".starts.npy"):
+    for suffix in (".dat", ".starts.npy", ".digests"):
         assert Path(f"{out}{suffix}").read_bytes() == Path(f"direct{suffix}").read_bytes()
     assert read_json(out)["hash"] == read_json("direct")["hash"] == oracle_hash(items)
     assert pm.verify_hash(out, progress=False)
@@ -128,7 +128,7 @@ def test_mismatched_shards_raise_naming_the_shard(two_shards_and_an_old_out, in_
 
 @pytest.mark.parametrize("out", ["shard1", "shard1.dat", "./shard1", "link"])
 def test_out_may_not_be_an_input(two_shards_and_an_old_out, in_tmp, out):
-    for suffix in (".dat", ".json", ".starts.npy"):
+    for suffix in (".dat", ".digests", ".json", ".starts.npy"):
         os.symlink(f"shard1{suffix}", f"link{suffix}")
     before = two_shards_and_an_old_out[0], listing(in_tmp)
     with pytest.raises(ValueError, match="is shard 1; merge into a new path"):
