@@ -763,7 +763,7 @@ def _runs(starts: np.ndarray, row_bytes: int, where: Path):
 # damaged since, is fetched again and never served; and no lock is ever taken, so none can hang.
 
 REMOTE_REQUESTS = 8  # requests in flight at once, per process
-REMOTE_RUN_BYTES = 16 << 20  # one request asks for at most this: runs of missing pieces coalesced up to it
+REMOTE_RUN_BYTES = 4 << 20  # one request asks for at most this: runs of missing pieces coalesced up to it
 REMOTE_TRIES = 4  # tries of a request that fails transiently (5xx, 429, a timeout, a dropped connection)
 REMOTE_TIMEOUT = 60  # seconds a request may wait for a byte before it is given up, then tried again
 
@@ -1051,7 +1051,7 @@ class _Remote:
     (``rows``), these offsets (``offsets``) or everything (``everything``) whole in the cache."""
 
     def __init__(self, url: str, header: _MapJson, cache: Path, cache_bytes: int | None):
-        self.url, self.cache, self.cache_bytes = url, cache, cache_bytes
+        self.url, self.cache, self.cache_bytes, self.cold = url, cache, cache_bytes, True
         piece, blocks = header.piece_bytes, [int(d, 16) for d in header.block_digests + header.starts_block_digests]
         # keyed by the hash and the digests that every cached byte is checked with: another map that
         # claims the hash, with digests of other bytes, never writes into this one's files
@@ -1094,10 +1094,11 @@ class _Remote:
             return struct.unpack_from("<Q", self.digests.mapping, 8 * (first_digest + k))[0]
         return digest
 
-    def rows(self, spans: Iterable) -> None:
+    def rows(self, spans: list) -> None:
         """Make these byte spans (start, end) of the .dat whole in the cache."""
-        piece = self.piece
-        self.dat.need(k for start, end in spans for k in range(start // piece, -(-end // piece)))
+        piece, ready = self.piece, self.dat.ready
+        if not all(ready[k] for start, end in spans for k in range(start // piece, -(-end // piece))):
+            self.dat.need(k for start, end in spans for k in range(start // piece, -(-end // piece)))
 
     def offsets(self, spans: Iterable) -> None:
         """Make the offsets of these spans (first, end) of item indices whole in the cache."""
@@ -2871,12 +2872,17 @@ class _ColdLoader(_ArrayLoader):
     madvise(MADV_WILLNEED); ``__getitems__`` asks once for each run of adjacent items, so a batch
     of a block-shuffled pass costs about one sequential read. Views stay views."""
     __slots__ = ()
-    _reads_cold = True
 
     def _serve(self, files, header, data, *rest, **options) -> _ColdLoader:
-        if data.nbytes:
+        remote = options.get("remote")
+        if data.nbytes and (remote is None or remote.cold):
             data.base.madvise(mmap.MADV_RANDOM)
         return super()._serve(files, header, data, *rest, **options)
+
+    @property
+    def _reads_cold(self) -> bool:
+        # a remote map's loader is this class for its hook; it reads its cache cold only if asked to
+        return self._remote is None or self._remote.cold
 
     def __call__(self, i, copy: bool = False) -> np.ndarray:
         item = _ArrayLoader.__call__(self, i)
@@ -2911,6 +2917,8 @@ class _ColdLoader(_ArrayLoader):
                     return [view.copy() for view in views]
             if remote is not None:
                 remote.rows(spans)
+                if not remote.cold:  # (its pages were just written, or read to check them)
+                    return [view.copy() for view in views] if copy else views
         except ValueError as e:
             shown = ", ".join(str(self._first + i + (self._count if i < 0 else 0)) for i in indices[:8])
             raise ValueError(f"{e}; item(s) {shown}{', ...' * (len(indices) > 8)} not served" if indices else
@@ -3057,7 +3065,9 @@ def _loader(opened: _Map | _Set, access: str, url: tuple | None = None) -> MapLo
         cold = _cold(sum(field.data.nbytes for field in opened.fields.values()), access)
         return object.__new__(_SetLoader)._serve(opened.files, opened.header, {
             name: _loader(field, "cold" if cold else "cached") for name, field in opened.fields.items()}, url)
-    cold = _cold(opened.data.nbytes, access) or opened.remote is not None
+    cold = _cold(opened.data.nbytes, access)
+    if opened.remote is not None:  # served by a cold loader, whose hook fetches; its cache read cold or not
+        opened.remote.cold, cold = cold, True
     kind = ((_ColdTextLoader if cold else _TextLoader) if opened.header.text else
             _ColdLoader if cold else _ArrayLoader)
     # the digests are verify_hash's and the remote's alone: not kept by every loader
@@ -3325,8 +3335,9 @@ class Windows:
     __slots__ = ("_load", "_seq_len", "_rows", "_starts", "_low", "_count", "_span", "_row_bytes")
 
     def __new__(cls, load: MapLoader | None = None, seq_len: int | None = None):
-        # a cold loader's windows ask for their pages up front: a class of their own keeps w[k] as it is
-        if cls is Windows and isinstance(load, MapLoader) and load.access == "cold":
+        # a cold (or remote) loader's windows ask for their pages (or pieces) up front: a class of
+        # their own keeps w[k] as it is
+        if cls is Windows and isinstance(load, _ColdLoader):
             cls = _ColdWindows
         return super().__new__(cls)
 
@@ -3487,7 +3498,8 @@ class Windows:
 class _ColdWindows(Windows):
     """Windows of a cold loader, whose mapping reads no page around a fault: each call first asks
     for its windows' pages with one madvise(MADV_WILLNEED) a run of adjacent windows, so that they
-    are read at once rather than a fault at a time (a block-shuffled batch: about one read)."""
+    are read at once rather than a fault at a time (a block-shuffled batch: about one read); and of
+    a remote map's loader, which first fetches the pieces they lie in."""
     __slots__ = ()
 
     def __call__(self, k) -> np.ndarray:

@@ -394,3 +394,32 @@ def test_a_build_keeps_the_files_of_a_build_whose_claim_it_cannot_open(in_tmp, m
     monkeypatch.setattr(pm.os, "open", unreadable)
     pm.build_map(tokens(4), "toy", progress=False)
     assert all(path.exists() for path in others)
+
+
+def test_a_commit_killed_midway_is_one_that_picomap_1_3_finishes_too(in_tmp):
+    """The intent's top level is the commit of the three files 1.3 knows, which 1.3 finishes (its
+    record would otherwise look cut short, and be dropped with half the files renamed); this
+    picomap reads the whole record, "all"."""
+    old, new = tokens(5, seed=1), tokens(9, seed=2)
+    pm.build_map(old, "toy", progress=False)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(pm.__file__).parent)!r})
+        import numpy as np, picomap as pm
+        real = os.replace
+        def replace(a, b, *rest, **kw):
+            real(a, b, *rest, **kw)
+            if str(b) == "toy.starts.npy":
+                os.kill(os.getpid(), signal.SIGKILL)  # the .dat and offsets renamed, the digests and json not
+        pm.os.replace = replace
+        pm.build_map({[x.tolist() for x in new]!r}, "toy", progress=False, dtype=np.int32)
+    """)
+    assert subprocess.run([sys.executable, "-c", script], cwd=in_tmp).returncode == -signal.SIGKILL
+    shown = json.loads(Path(".toy.json.commit").read_text())
+    assert shown["files"] == [0, 1, 2] and len(shown["inodes"]) == 3 and shown["all"]["files"] == [0, 1, 3, 2]
+    assert set(shown["had"]) <= {0, 1, 2} and shown["all"]["had"] == [0, 1, 3, 2]
+    # as picomap 1.3 reads it: the three files' commit alone, finished forward
+    Path(".toy.json.commit").write_text(json.dumps({k: v for k, v in shown.items() if k != "all"}))
+    assert is_whole(read_all("toy"), new)
+    with pytest.raises(ValueError, match=r"toy.digests: does not hold the digests"):  # the old map's, left
+        pm.verify_hash("toy", progress=False)

@@ -290,6 +290,9 @@ def test_a_pickled_loader_carries_its_url_and_cache(served, tmp_path):
     part = pickle.loads(pickle.dumps(load[100:200]))
     assert (part.path, len(part), part._url) == (url, 100, (url, os.fspath(tmp_path / "cache"), None))
     assert all(np.array_equal(part(i), items[100 + i]) for i in range(100))
+    cold = pm.MapLoader(url, cache=tmp_path / "cache", access="cold")  # its cache read as a cold map's
+    assert (load.access, cold.access, pickle.loads(pickle.dumps(cold)).access) == ("cached", "cold", "cold")
+    assert np.array_equal(cold(5), items[5]) and np.array_equal(pm.Windows(cold, 64)(3), load.data[192:257])
 
 
 def read_all(load, indices, queue):
@@ -436,3 +439,11 @@ def test_the_command_line_describes_and_verifies_a_url(served, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert f"path: {url}" in out and "items: 100" in out and f"ok: {url} is intact" in out
     assert pm.MapLoader(url)._remote.files.dat.parent.parent == tmp_path / "default-cache"
+
+
+def test_the_benchmark_runs_quick_and_finds_nothing_wrong(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "remote.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--folder", str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
+    assert "picomap remote, cold cache" in result.stdout and result.stdout.rstrip().endswith("nothing looked wrong")
