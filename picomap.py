@@ -1027,6 +1027,16 @@ class _Pieces:
         return bad
 
 
+def _pieces_of(spans: Iterable, piece: int) -> list:
+    """The pieces (of piece bytes) that byte spans (start, end) of a file lie in, in span order."""
+    return [k for start, end in spans for k in range(start // piece, -(-end // piece))]
+
+
+def _url_base(url: str) -> str:
+    """A map's URL without the suffix of one of its files, as map_files strips it from a path."""
+    return next((url[:-len(suffix)] for suffix in _SUFFIXES if url.endswith(suffix)), url)
+
+
 def _sparse_file(path: Path, size: int) -> int:
     """path opened for reading and writing, size bytes long: made sparse if missing (or replaced,
     by a rename, if it has another size); another process may be making it at the same time."""
@@ -1096,15 +1106,14 @@ class _Remote:
 
     def rows(self, spans: list) -> None:
         """Make these byte spans (start, end) of the .dat whole in the cache."""
-        piece, ready = self.piece, self.dat.ready
-        if not all(ready[k] for start, end in spans for k in range(start // piece, -(-end // piece))):
-            self.dat.need(k for start, end in spans for k in range(start // piece, -(-end // piece)))
+        units, ready = _pieces_of(spans, self.piece), self.dat.ready
+        if not all(ready[k] for k in units):
+            self.dat.need(units)
 
     def offsets(self, spans: Iterable) -> None:
         """Make the offsets of these spans (first, end) of item indices whole in the cache."""
-        at, piece = self.header_bytes, self.piece
-        self.starts.need(k for first, end in spans for k in range((at + 8 * first) // piece,
-                                                                   -(-(at + 8 * end) // piece)))
+        at = self.header_bytes
+        self.starts.need(_pieces_of([(at + 8 * first, at + 8 * end) for first, end in spans], self.piece))
 
     def everything(self, bar: tqdm | None = None) -> None:
         """Make all of the map's files whole in the cache, a few requests' worth at a time."""
@@ -1141,8 +1150,8 @@ class _Cap:
         if getattr(self.local, "pid", None) != os.getpid():
             self.local.holds, self.local.evicting = os.open(self.path, os.O_RDWR), os.open(self.path, os.O_RDWR)
             self.local.pid = os.getpid()
-        piece, ready, holds = self.piece, self.pieces.ready, self.local.holds
-        units = sorted({k for start, end in spans for k in range(start // piece, -(-end // piece))})
+        ready, holds = self.pieces.ready, self.local.holds
+        units = sorted(set(_pieces_of(spans, self.piece)))
         _range_lock(holds, fcntl.F_RDLCK, 8 * units[0], 8 * (units[-1] + 1 - units[0]))
         try:
             for k in units:
@@ -1220,7 +1229,7 @@ def _punch_hole(fd: int, start: int, length: int) -> None:
 
 def _open_remote(url: str, cache: str | os.PathLike | None, cache_bytes: int | None = None) -> _Map | _Set:
     """Open the map or set at url: its json fetched, then, for each map, both ends of its offsets."""
-    base = next((url[:-len(suffix)] for suffix in _SUFFIXES if url.endswith(suffix)), url)
+    base = _url_base(url)
     cache = _default_cache() if cache is None else Path(cache)
     if cache_bytes is not None and not (_is_count(cache_bytes) and cache_bytes > 0):
         raise ValueError(f"{url}: cache_bytes must be a positive integer or None, not {cache_bytes!r}")
@@ -2907,23 +2916,19 @@ class _ColdLoader(_ArrayLoader):
         """The views (of these byte spans of the .dat; the items at indices, or windows) once their
         pages are asked for; for a remote map, once its pieces are whole in the cache, and under a
         cache cap, as copies made while those pieces are held."""
-        spans = sorted(span for span in spans if span[1] > span[0])
-        if not spans:
-            return [view.copy() for view in views] if copy else views
-        remote = self._remote
+        spans, remote = sorted(span for span in spans if span[1] > span[0]), self._remote
         try:
-            if remote is not None and remote.cap is not None:
+            if spans and remote is not None and remote.cap is not None:
                 with remote.cap.held(spans):
                     return [view.copy() for view in views]
-            if remote is not None:
+            if spans and remote is not None:
                 remote.rows(spans)
-                if not remote.cold:  # (its pages were just written, or read to check them)
-                    return [view.copy() for view in views] if copy else views
         except ValueError as e:
             shown = ", ".join(str(self._first + i + (self._count if i < 0 else 0)) for i in indices[:8])
             raise ValueError(f"{e}; item(s) {shown}{', ...' * (len(indices) > 8)} not served" if indices else
                              f"{e}; not served") from None
-        _will_need(self._data.base, spans)
+        if spans and (remote is None or remote.cold):  # (a remote piece's pages were just written or read)
+            _will_need(self._data.base, spans)
         return [view.copy() for view in views] if copy else views
 
 
@@ -3054,8 +3059,7 @@ def _opened_loader(path, access: str, cache, cache_bytes: int | None = None) -> 
     if not _is_url(path):
         return _loader(_open(path), access)
     opened = _open_remote(path, cache, cache_bytes)
-    url = next((path[:-len(suffix)] for suffix in _SUFFIXES if path.endswith(suffix)), path)
-    return _loader(opened, access, (url, os.path.abspath(_default_cache() if cache is None else cache), cache_bytes))
+    return _loader(opened, access, (_url_base(path), os.path.abspath(_default_cache() if cache is None else cache), cache_bytes))
 
 
 def _loader(opened: _Map | _Set, access: str, url: tuple | None = None) -> MapLoader:
